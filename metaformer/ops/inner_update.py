@@ -1,0 +1,143 @@
+"""The fused, batched, differentiable inner-loop update: thin wrapper, fake kernel and autograd formula."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from ._extension import load_extension
+from .reference import CLIP_EPS, inner_update_reference
+from .validation import Rate, normalize_inputs
+
+OP_NAME = "metaformer::inner_update"
+
+# Resolved once at import: a plain module constant keeps the hot path free of lookups and lets
+# torch.compile trace the wrapper without a cached-function call.
+_EXTENSION = load_extension()
+
+
+def inner_update(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    lr: Rate,
+    decay: Optional[Rate] = None,
+    *,
+    max_grad_norm: Optional[float] = None,
+) -> list[Tensor]:
+    """One inner-loop step for every tensor and task: new[i][t] = decay*params[i][t] - lr*clip_t*grads[i][t]."""
+    spec = normalize_inputs(params, grads, lr, decay, max_grad_norm)
+    if not spec.params:
+        return []
+    if _EXTENSION is None:
+        return inner_update_reference(spec.params, spec.grads, spec.lr_tensors if spec.lr_tensors is not None else spec.lr_scalar,
+                                      spec.decay_tensors if spec.decay_tensors is not None else spec.decay_scalar,
+                                      max_grad_norm=spec.max_grad_norm)
+    return list(
+        torch.ops.metaformer.inner_update(
+            spec.params, spec.grads, spec.lr_tensors, spec.lr_scalar, spec.decay_tensors, spec.decay_scalar, spec.max_grad_norm
+        )
+    )
+
+
+def _fake(params, grads, lr, lr_scalar, decay, decay_scalar, max_grad_norm):  # noqa: ANN001, ANN202
+    """Shapes and dtypes of the outputs, for FakeTensor tracing under torch.compile."""
+    return [g.new_empty(g.shape, dtype=p.dtype) for p, g in zip(params, grads)]
+
+
+def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
+    """Save what the backward formula needs (the inputs themselves, so double backward stays connected)."""
+    params, grads, lr, lr_scalar, decay, decay_scalar, max_grad_norm = inputs
+    n = len(params)
+    ctx.n = n
+    ctx.has_lr = lr is not None
+    ctx.has_decay = decay is not None
+    ctx.lr_scalar = lr_scalar
+    ctx.decay_scalar = decay_scalar
+    ctx.max_grad_norm = max_grad_norm
+    ctx.save_for_backward(*params, *grads, *(lr or ()), *(decay or ()))
+
+
+def _reduce_to(t: Tensor, like: Tensor) -> Tensor:
+    """Sum a broadcast gradient back to the shape and dtype of the input it belongs to."""
+    if t.shape != like.shape:
+        t = t.sum_to_size(like.shape)
+    return t.to(like.dtype)
+
+
+def _backward(ctx, grad_outs):  # noqa: ANN001, ANN202
+    """Gradients of new = d*p - lr*c*g, written with differentiable torch ops so that double backward works."""
+    n = ctx.n
+    saved = ctx.saved_tensors
+    params, grads = saved[:n], saved[n : 2 * n]
+    rest = saved[2 * n :]
+    lrs = rest[:n] if ctx.has_lr else None
+    decays = rest[n : 2 * n] if ctx.has_lr and ctx.has_decay else (rest[:n] if ctx.has_decay else None)
+    num_tasks = grads[0].shape[0]
+    acc = torch.float64 if params[0].dtype == torch.float64 else torch.float32
+
+    clip = norm = None
+    if ctx.max_grad_norm is not None:
+        sq = sum(g.to(acc).reshape(num_tasks, -1).pow(2).sum(dim=1) for g in grads)
+        norm = sq.sqrt()
+        clip = torch.clamp(ctx.max_grad_norm / (norm + CLIP_EPS), max=1.0)
+
+    d_params, d_grads, d_lrs, d_decays = [], [], [], []
+    dl_dclip = torch.zeros(num_tasks, dtype=acc, device=grads[0].device) if clip is not None else None
+    for i in range(n):
+        p, g = params[i], grads[i]
+        go = grad_outs[i]
+        if go is None:
+            d_params.append(None)
+            d_grads.append(None)
+            d_lrs.append(None)
+            d_decays.append(None)
+            continue
+        go = go.to(acc)
+        view = (num_tasks,) + (1,) * (g.dim() - 1)
+        lr_i = lrs[i].to(acc) if lrs is not None else ctx.lr_scalar
+        d_i = decays[i].to(acc) if decays is not None else ctx.decay_scalar
+        g_acc = g.to(acc)
+        scaled = -go * lr_i  # dL/d(c * g)
+        if clip is not None:
+            c = clip.reshape(view)
+            d_grads.append(scaled * c)
+            dl_dclip = dl_dclip + (scaled * g_acc).reshape(num_tasks, -1).sum(dim=1)
+            d_lrs.append(_reduce_to(-go * c * g_acc, lrs[i]) if lrs is not None else None)
+        else:
+            d_grads.append(scaled)
+            d_lrs.append(_reduce_to(-go * g_acc, lrs[i]) if lrs is not None else None)
+        d_params.append(_reduce_to(go * d_i, p) if isinstance(d_i, Tensor) or d_i != 1.0 else _reduce_to(go, p))
+        d_decays.append(_reduce_to(go * p.to(acc), decays[i]) if decays is not None else None)
+
+    if clip is not None:
+        # c = M / (n + eps) where that is below 1: dc/dg = -M / (n + eps)^2 * g / n; zero where no clipping happened.
+        active = (ctx.max_grad_norm / (norm + CLIP_EPS)) < 1.0
+        safe_norm = torch.where(active, norm, torch.ones_like(norm))
+        coef = torch.where(active, -ctx.max_grad_norm / (safe_norm + CLIP_EPS).pow(2) / safe_norm, torch.zeros_like(norm))
+        coef = dl_dclip * coef
+        for i in range(n):
+            if d_grads[i] is not None:
+                view = (num_tasks,) + (1,) * (grads[i].dim() - 1)
+                d_grads[i] = d_grads[i] + coef.reshape(view) * grads[i].to(acc)
+    d_grads = [None if dg is None else dg.to(g.dtype) for dg, g in zip(d_grads, grads)]
+    return (
+        d_params,
+        d_grads,
+        d_lrs if ctx.has_lr else None,
+        None,
+        d_decays if ctx.has_decay else None,
+        None,
+        None,
+    )
+
+
+def register_python_parts() -> None:
+    """Attach the fake kernel and autograd formula to the C++ op (called once, after the extension loads)."""
+    torch.library.register_fake(OP_NAME)(_fake)
+    torch.library.register_autograd(OP_NAME, _backward, setup_context=_setup_context)
+
+
+if _EXTENSION is not None:
+    register_python_parts()

@@ -1,0 +1,52 @@
+"""Builds metaformer and its extension metaformer._C (C++ always; CUDA when the installed torch has it)."""
+
+import glob
+import os
+
+from setuptools import setup
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+import torch
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def want_cuda() -> bool:
+    """CUDA kernels are built when torch has CUDA, unless METAFORMER_BUILD_CUDA=0/1 says otherwise."""
+    flag = os.environ.get("METAFORMER_BUILD_CUDA", "").strip()
+    if flag in ("0", "1"):
+        if flag == "1" and torch.version.cuda is None:
+            raise RuntimeError(
+                "METAFORMER_BUILD_CUDA=1 but the installed torch has no CUDA; install a CUDA build of torch "
+                "or unset METAFORMER_BUILD_CUDA"
+            )
+        return flag == "1"
+    if flag:
+        raise RuntimeError(f"METAFORMER_BUILD_CUDA must be 0 or 1, got {flag!r}")
+    return torch.version.cuda is not None
+
+
+def extensions() -> list:
+    """The metaformer._C extension, with or without its CUDA sources."""
+    cxx_flags = ["-O3", "-ffp-contract=off"]
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    if want_cuda():
+        sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+        sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*_launcher.cpp")))
+        nvcc_flags = ["-O3", "--fmad=false"]
+        return [
+            CUDAExtension(
+                "metaformer._C",
+                sources,
+                include_dirs=include_dirs,
+                define_macros=[("METAFORMER_WITH_CUDA", "1")],
+                extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+            )
+        ]
+    return [CppExtension("metaformer._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags})]
+
+
+setup(
+    ext_modules=extensions(),
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)
