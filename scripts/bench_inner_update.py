@@ -5,6 +5,8 @@ gradients and outputs; for copy_ the source and destination) for:
   (a) the conv-4 parameter list (18 tensors, about 112k parameters) with T = 1 and T = 32 tasks,
   (b) the sinusoid MLP list (1-40-40-1) with T = 25,
   (c) 16M and 64M parameters (T = 1),
+The out-of-place rows include allocating the outputs (fresh pages, first touched by the update); the
+in-place row (`inner_update_`) and copy_ write into existing memory.
 and CUDA rows when a GPU is present. `--quick` runs fewer repetitions (the README smoke run).
 
     python scripts/bench_inner_update.py [--quick] [--device cpu|cuda|all] [--json out.json]
@@ -21,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from metaformer.ops import backend, inner_update
+from metaformer.ops import backend, inner_update, inner_update_
 
 
 def conv4_shapes(in_channels: int = 1, hidden: int = 64, n_way: int = 5) -> list[tuple[int, ...]]:
@@ -80,6 +82,10 @@ def bench_case(name: str, shapes: list[tuple[int, ...]], tasks: int, device: tor
     def fused() -> object:
         return inner_update(params, grads, lr)
 
+    def fused_inplace() -> object:
+        inner_update_(params, grads, lr)
+        return params
+
     def foreach() -> object:
         return torch._foreach_add(params, torch._foreach_mul(grads, -lr))
 
@@ -96,7 +102,8 @@ def bench_case(name: str, shapes: list[tuple[int, ...]], tasks: int, device: tor
         torch.testing.assert_close(a, b)
     update_bytes = 3 * numel * 4
     rows = []
-    for impl, fn, nbytes in [("fused op", fused, update_bytes), ("torch._foreach", foreach, update_bytes),
+    for impl, fn, nbytes in [("fused op", fused, update_bytes), ("fused op, in place", fused_inplace, update_bytes),
+                             ("torch._foreach", foreach, update_bytes),
                              ("python loop", loop, update_bytes), ("copy_ (limit)", copy, 2 * numel * 4)]:
         with torch.no_grad():
             sec = time_call(fn, device, repeats, min_seconds)

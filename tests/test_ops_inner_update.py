@@ -310,3 +310,33 @@ def _first_order(steps: int):
             w = [wi - 0.4 * gi for wi, gi in zip(w, gr)]
         outer = outer + F.cross_entropy(_forward(w, xq[t]), yq[t])
     return torch.autograd.grad(outer, theta)
+
+
+# ---- in-place variant -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_inplace_equals_out_of_place(dtype) -> None:
+    params, grads, shapes = make_lists(dtype)
+    batched = [p.expand(g.shape).contiguous() for p, g in zip(params, grads)]
+    lr, decay = rate_forms(shapes, seed=4), 0.95
+    want = inner_update(batched, grads, lr, decay, max_grad_norm=0.8)
+    ptrs = [b.data_ptr() for b in batched]
+    ops.inner_update_(batched, grads, lr, decay, max_grad_norm=0.8)
+    assert [b.data_ptr() for b in batched] == ptrs
+    assert all(torch.equal(a, b) for a, b in zip(batched, want))
+
+
+def test_inplace_rejects_what_it_cannot_do() -> None:
+    with pytest.raises(ValueError, match=r"params\[0\] must be task-batched"):
+        ops.inner_update_([torch.ones(3)], [torch.ones(2, 3)], 0.1)
+    with pytest.raises(ValueError, match=r"params\[0\] must be task-batched"):
+        ops.inner_update_([torch.ones(3, 2).t()], [torch.ones(2, 3)], 0.1)
+    with pytest.raises(ValueError, match="requires grad"):
+        ops.inner_update_([torch.ones(2, 3, requires_grad=True)], [torch.ones(2, 3)], 0.1)
+
+
+def test_opcheck_inplace() -> None:
+    params, grads, shapes = make_lists(torch.float32)
+    batched = [p.expand(g.shape).contiguous() for p, g in zip(params, grads)]
+    torch.library.opcheck(torch.ops.metaformer.inner_update_.default, (batched, grads, rate_forms(shapes), 0.0, None, 0.9, 1.0))

@@ -18,11 +18,10 @@ void check(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, "metaformer::inner_update (CUDA): ", what, " failed: ", cudaGetErrorString(err));
 }
 
-std::vector<at::Tensor> inner_update_cuda(at::TensorList params, at::TensorList grads,
-                                          std::optional<at::TensorList> lr, double lr_scalar,
-                                          std::optional<at::TensorList> decay, double decay_scalar,
-                                          std::optional<double> max_grad_norm) {
-  InnerUpdatePlan plan = make_inner_update_plan(params, grads, lr, decay);
+std::vector<at::Tensor> run_cuda(at::TensorList params, at::TensorList grads, const std::optional<at::TensorList>& lr,
+                                 double lr_scalar, const std::optional<at::TensorList>& decay, double decay_scalar,
+                                 std::optional<double> max_grad_norm, bool in_place) {
+  InnerUpdatePlan plan = make_inner_update_plan(params, grads, lr, decay, in_place);
   if (plan.slots.empty() || plan.chunks.empty()) return plan.outputs;
   const at::Device device = grads[0].device();
   const c10::cuda::CUDAGuard guard(device);
@@ -60,7 +59,23 @@ std::vector<at::Tensor> inner_update_cuda(at::TensorList params, at::TensorList 
   return plan.outputs;
 }
 
+std::vector<at::Tensor> inner_update_cuda(at::TensorList params, at::TensorList grads,
+                                          std::optional<at::TensorList> lr, double lr_scalar,
+                                          std::optional<at::TensorList> decay, double decay_scalar,
+                                          std::optional<double> max_grad_norm) {
+  return run_cuda(params, grads, lr, lr_scalar, decay, decay_scalar, max_grad_norm, /*in_place=*/false);
+}
+
+void inner_update_inplace_cuda(at::TensorList params, at::TensorList grads, std::optional<at::TensorList> lr,
+                               double lr_scalar, std::optional<at::TensorList> decay, double decay_scalar,
+                               std::optional<double> max_grad_norm) {
+  run_cuda(params, grads, lr, lr_scalar, decay, decay_scalar, max_grad_norm, /*in_place=*/true);
+}
+
 }  // namespace
 }  // namespace metaformer
 
-TORCH_LIBRARY_IMPL(metaformer, CUDA, m) { m.impl("inner_update", &metaformer::inner_update_cuda); }
+TORCH_LIBRARY_IMPL(metaformer, CUDA, m) {
+  m.impl("inner_update", &metaformer::inner_update_cuda);
+  m.impl("inner_update_", &metaformer::inner_update_inplace_cuda);
+}

@@ -41,6 +41,46 @@ def inner_update(
     )
 
 
+def inner_update_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    lr: Rate,
+    decay: Optional[Rate] = None,
+    *,
+    max_grad_norm: Optional[float] = None,
+) -> None:
+    """In-place inner_update for task-batched contiguous params outside autograd (Reptile, FOMAML, evaluation)."""
+    spec = normalize_inputs(params, grads, lr, decay, max_grad_norm)
+    for i, p in enumerate(spec.params):
+        if p.shape != spec.grads[i].shape or not p.is_contiguous():
+            raise ValueError(
+                f"inner_update_: params[{i}] must be task-batched {tuple(spec.grads[i].shape)} and contiguous to be "
+                "updated in place; use inner_update (out of place) or expand(...).contiguous() it first"
+            )
+        if torch.is_grad_enabled() and p.requires_grad:
+            raise ValueError(
+                f"inner_update_: params[{i}] requires grad; an in-place update would break autograd. Use inner_update, "
+                "or run under torch.no_grad()"
+            )
+    if not spec.params:
+        return
+    if _EXTENSION is None:
+        new = inner_update_reference(spec.params, spec.grads, spec.lr_tensors if spec.lr_tensors is not None else spec.lr_scalar,
+                                     spec.decay_tensors if spec.decay_tensors is not None else spec.decay_scalar,
+                                     max_grad_norm=spec.max_grad_norm)
+        for p, n in zip(spec.params, new):
+            p.copy_(n)
+        return
+    torch.ops.metaformer.inner_update_(
+        spec.params, spec.grads, spec.lr_tensors, spec.lr_scalar, spec.decay_tensors, spec.decay_scalar, spec.max_grad_norm
+    )
+
+
+def _fake_inplace(params, grads, lr, lr_scalar, decay, decay_scalar, max_grad_norm):  # noqa: ANN001, ANN202
+    """The in-place op returns nothing; its outputs are its mutated inputs."""
+    return None
+
+
 def _fake(params, grads, lr, lr_scalar, decay, decay_scalar, max_grad_norm):  # noqa: ANN001, ANN202
     """Shapes and dtypes of the outputs, for FakeTensor tracing under torch.compile."""
     return [g.new_empty(g.shape, dtype=p.dtype) for p, g in zip(params, grads)]
@@ -136,6 +176,7 @@ def _backward(ctx, grad_outs):  # noqa: ANN001, ANN202
 def register_python_parts() -> None:
     """Attach the fake kernel and autograd formula to the C++ op (called once, after the extension loads)."""
     torch.library.register_fake(OP_NAME)(_fake)
+    torch.library.register_fake(OP_NAME + "_")(_fake_inplace)
     torch.library.register_autograd(OP_NAME, _backward, setup_context=_setup_context)
 
 
