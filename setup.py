@@ -2,6 +2,7 @@
 
 import glob
 import os
+import sys
 
 from setuptools import setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
@@ -27,7 +28,13 @@ def want_cuda() -> bool:
 
 def extensions() -> list:
     """The metaformer._C extension, with or without its CUDA sources."""
+    # at::parallel_for is inlined from ATen's OpenMP backend: without -fopenmp it silently runs on one
+    # thread. Linking libgomp.so.1 resolves to the copy torch already loaded (same soname), so one pool.
     cxx_flags = ["-O3", "-ffp-contract=off"]
+    link_flags: list[str] = []
+    if sys.platform.startswith("linux"):
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     include_dirs = [os.path.join(ROOT, "csrc")]
     if want_cuda():
@@ -41,9 +48,11 @@ def extensions() -> list:
                 include_dirs=include_dirs,
                 define_macros=[("METAFORMER_WITH_CUDA", "1")],
                 extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+                extra_link_args=link_flags,
             )
         ]
-    return [CppExtension("metaformer._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags})]
+    return [CppExtension("metaformer._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags},
+                         extra_link_args=link_flags)]
 
 
 setup(

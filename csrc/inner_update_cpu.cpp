@@ -7,6 +7,7 @@
 #include <torch/library.h>
 #include <ATen/Parallel.h>
 
+#include <atomic>
 #include <cmath>
 
 #include "inner_update_plan.h"
@@ -154,6 +155,16 @@ bool built_with_cuda() {
 #endif
 }
 
+// How many threads at::parallel_for really used on a wide range: 1 means the build lost OpenMP
+// (at::parallel_for is inlined into this library and silently runs serially without -fopenmp).
+int64_t parallel_threads_used() {
+  std::atomic<int64_t> seen_mask{0};
+  at::parallel_for(0, 1024, 1, [&](int64_t, int64_t) {
+    seen_mask.fetch_or(int64_t(1) << (at::get_thread_num() % 63));
+  });
+  return __builtin_popcountll(static_cast<unsigned long long>(seen_mask.load()));
+}
+
 }  // namespace metaformer
 
 TORCH_LIBRARY(metaformer, m) {
@@ -173,4 +184,6 @@ TORCH_LIBRARY_IMPL(metaformer, CPU, m) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "metaformer C++/CUDA ops; the ops themselves are registered with TORCH_LIBRARY (torch.ops.metaformer)";
   m.def("built_with_cuda", &metaformer::built_with_cuda, "Whether the CUDA kernels were compiled into this build");
+  m.def("parallel_threads_used", &metaformer::parallel_threads_used,
+        "Threads that at::parallel_for used inside this extension (1 if it was built without OpenMP)");
 }

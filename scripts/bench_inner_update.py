@@ -89,6 +89,10 @@ def bench_case(name: str, shapes: list[tuple[int, ...]], tasks: int, device: tor
     def foreach() -> object:
         return torch._foreach_add(params, torch._foreach_mul(grads, -lr))
 
+    def foreach_inplace() -> object:
+        torch._foreach_add_(params, grads, alpha=-lr)
+        return params
+
     def loop() -> object:
         return [p - lr * g for p, g in zip(params, grads)]
 
@@ -104,6 +108,7 @@ def bench_case(name: str, shapes: list[tuple[int, ...]], tasks: int, device: tor
     rows = []
     for impl, fn, nbytes in [("fused op", fused, update_bytes), ("fused op, in place", fused_inplace, update_bytes),
                              ("torch._foreach", foreach, update_bytes),
+                             ("torch._foreach, in place", foreach_inplace, update_bytes),
                              ("python loop", loop, update_bytes), ("copy_ (limit)", copy, 2 * numel * 4)]:
         with torch.no_grad():
             sec = time_call(fn, device, repeats, min_seconds)

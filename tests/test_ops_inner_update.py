@@ -65,6 +65,19 @@ def test_backend_is_the_extension() -> None:
     assert hasattr(torch.ops.metaformer, "inner_update")
 
 
+def test_extension_runs_in_parallel() -> None:
+    """A build without OpenMP runs at::parallel_for on one thread, silently halving bandwidth on 2 cores."""
+    from metaformer.ops._extension import load_extension
+
+    ext = load_extension()
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert ext.parallel_threads_used() == 2
+    finally:
+        torch.set_num_threads(previous)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("lr_form", ["scalar", "tensors"])
 @pytest.mark.parametrize("decay_form", ["none", "scalar", "tensors"])
