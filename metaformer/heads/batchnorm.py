@@ -1,0 +1,149 @@
+"""BatchNorm inside the inner loop: transductive batch statistics (original MAML) or per-step statistics (MAML++).
+
+Two policies, chosen per head with ``batch_norm=``:
+
+``"transductive"`` (default, Finn et al. 2017)
+    Every BatchNorm call normalises with the statistics of the batch it is given: the task's support set
+    during an inner step, the task's query set when predicting. This holds in training *and* evaluation
+    (``head.eval()`` changes nothing), statistics are always per task, running buffers of the backbone are
+    ignored, and the BatchNorm weight and bias are ordinary fast weights adapted by the inner loop.
+    Predictions for a query therefore depend on the other queries of the same task.
+
+``"per_step"`` (Antoniou et al. 2019, "How to train your MAML", BNRS + BNWB)
+    Each BatchNorm layer gets, for every inner step ``k = 0..K`` (``K`` = the query forward), its own
+    running mean/variance and its own weight and bias. The weight and bias are meta-learned in the outer
+    loop and *not* adapted by the inner loop. In training mode the layer normalises with per-task batch
+    statistics and updates the step's running statistics (exponential average with ``momentum`` of the
+    mean over tasks of the per-task statistics); in evaluation mode it normalises with the step's running
+    statistics, so a prediction no longer depends on the other queries. Steps beyond the table (more
+    inner steps at test time than in training) use the last row.
+
+BatchNorm layers are matched to table rows by the order in which they are *called* during a forward pass,
+and the channel count is checked on every call.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+BN_MODES = ("transductive", "per_step")
+
+
+def batchnorm_modules(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """All BatchNorm layers of a module in registration order."""
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def task_batch_norm(
+    x: Tensor,
+    num_tasks: int,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    eps: float,
+    sample_mask: Optional[Tensor] = None,
+    stats: Optional[tuple[Tensor, Tensor]] = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Training-mode BatchNorm with separate statistics per task, written as explicit mean/var ops.
+
+    ``x`` is task-major ``[T*B, C, *spatial]``; ``weight``/``bias`` are ``[C]`` (shared) or ``[T, C]``
+    (task-batched); ``sample_mask`` ``[T, B]`` excludes padded examples from the statistics. Explicit ops
+    (not ``F.batch_norm`` under ``vmap``) keep the second-order meta-gradient exact. Given ``stats``
+    (mean, var ``[C]``), normalises with them instead (evaluation with running statistics).
+    Returns (output, per-task mean ``[T, C]``, per-task biased variance ``[T, C]``).
+    """
+    channels = x.shape[1]
+    xv = x.view(num_tasks, -1, *x.shape[1:])  # [T, B, C, *spatial]
+    bshape = (num_tasks, 1, channels) + (1,) * (x.dim() - 2)
+    red = (1,) + tuple(range(3, xv.dim()))
+    if stats is not None:
+        mean = stats[0].expand(num_tasks, channels)
+        var = stats[1].expand(num_tasks, channels)
+    elif sample_mask is None:
+        mean = xv.mean(dim=red)
+        var = (xv - mean.view(bshape)).pow(2).mean(dim=red)
+    else:
+        m = sample_mask.to(x.dtype).view((num_tasks, -1) + (1,) * (x.dim() - 1))
+        per_item = 1
+        for s in x.shape[2:]:
+            per_item *= s
+        count = (sample_mask.to(x.dtype).sum(dim=1) * per_item).clamp_min(1.0).unsqueeze(1)  # [T, 1]
+        mean = (xv * m).sum(dim=red) / count
+        var = ((xv - mean.view(bshape)).pow(2) * m).sum(dim=red) / count
+    y = (xv - mean.view(bshape)) * torch.rsqrt(var + eps).view(bshape)
+    if weight is not None:
+        y = y * (weight.view(bshape) if weight.dim() == 2 else weight.view((1, 1, channels) + (1,) * (x.dim() - 2)))
+    if bias is not None:
+        y = y + (bias.view(bshape) if bias.dim() == 2 else bias.view((1, 1, channels) + (1,) * (x.dim() - 2)))
+    return y.reshape(x.shape), mean, var
+
+
+class PerStepBatchNorm(nn.Module):
+    """MAML++ per-step BatchNorm tables: running statistics, weight and bias for every BN layer and inner step."""
+
+    def __init__(self, bn_layers: list[nn.modules.batchnorm._BatchNorm], num_steps: int, momentum: float = 0.1) -> None:
+        """Build tables with ``num_steps + 1`` rows (inner steps plus the query forward), initialised from the layers."""
+        super().__init__()
+        if num_steps < 0:
+            raise ValueError(f"PerStepBatchNorm: num_steps must be >= 0, got {num_steps}")
+        self.rows = num_steps + 1
+        self.momentum = float(momentum)
+        self.channels = [m.num_features for m in bn_layers]
+        self.eps = [float(m.eps) for m in bn_layers]
+        self.weight = nn.ParameterList()
+        self.bias = nn.ParameterList()
+        for i, m in enumerate(bn_layers):
+            c = m.num_features
+            w = m.weight.detach() if m.weight is not None else torch.ones(c)
+            b = m.bias.detach() if m.bias is not None else torch.zeros(c)
+            self.weight.append(nn.Parameter(w.clone().unsqueeze(0).repeat(self.rows, 1)))
+            self.bias.append(nn.Parameter(b.clone().unsqueeze(0).repeat(self.rows, 1)))
+            self.register_buffer(f"running_mean_{i}", torch.zeros(self.rows, c, dtype=w.dtype, device=w.device))
+            self.register_buffer(f"running_var_{i}", torch.ones(self.rows, c, dtype=w.dtype, device=w.device))
+
+    def __len__(self) -> int:
+        """Number of BatchNorm layers covered."""
+        return len(self.channels)
+
+    def forward(  # type: ignore[override]
+        self,
+        layer: int,
+        step: int,
+        x: Tensor,
+        num_tasks: Optional[int],
+        sample_mask: Optional[Tensor],
+        training: bool,
+    ) -> Tensor:
+        """Normalise ``x`` for BN layer ``layer`` at inner step ``step`` (``num_tasks`` None: one task, native BN)."""
+        if layer >= len(self.channels):
+            raise RuntimeError(
+                f"per-step BatchNorm: the forward called BatchNorm {layer + 1} times but the backbone registers "
+                f"{len(self.channels)} BatchNorm layers; a layer used twice is not supported with batch_norm='per_step'"
+            )
+        if x.shape[1] != self.channels[layer]:
+            raise RuntimeError(
+                f"per-step BatchNorm: call {layer} has {x.shape[1]} channels but registered layer {layer} has "
+                f"{self.channels[layer]}; the backbone calls its BatchNorm layers in another order than it registers them"
+            )
+        row = min(step, self.rows - 1)
+        w, b = self.weight[layer][row], self.bias[layer][row]
+        rm = getattr(self, f"running_mean_{layer}")[row]
+        rv = getattr(self, f"running_var_{layer}")[row]
+        eps = self.eps[layer]
+        if num_tasks is None:
+            if not training:
+                return F.batch_norm(x, rm, rv, w, b, False, 0.0, eps)
+            # one task: native BN updates this step's running row in place (rm/rv are views of the tables)
+            return F.batch_norm(x, rm, rv, w, b, True, self.momentum, eps)
+        if not training:
+            return task_batch_norm(x, num_tasks, w, b, eps, stats=(rm, rv))[0]
+        y, mean, var = task_batch_norm(x, num_tasks, w, b, eps, sample_mask=sample_mask)
+        with torch.no_grad():
+            n = x.numel() // (x.shape[1] * num_tasks)
+            unbiased = var.mean(0) * (n / max(n - 1, 1))
+            rm.mul_(1 - self.momentum).add_(mean.mean(0), alpha=self.momentum)
+            rv.mul_(1 - self.momentum).add_(unbiased, alpha=self.momentum)
+        return y

@@ -1,0 +1,282 @@
+"""Running an unmodified nn.Module with task-batched fast weights: the "batched" and "loop" execution paths.
+
+Fast weights carry a task dimension: a parameter of shape ``[*shape]`` becomes ``[T, *shape]`` after the
+first inner step (before it, the shared meta-parameter is used for every task).
+
+- ``"loop"``: one ``torch.func.functional_call`` per task with that task's slice of the fast weights.
+  Works for any module (including ones that take lists of strings). Faster for convolutions on CPU,
+  where one large per-task convolution beats a grouped one.
+- ``"batched"``: one pass for the whole meta-batch. Activations are task-major ``[T*B, ...]``; a
+  ``TorchFunctionMode`` rewrites the calls that consume task-batched weights: ``conv1d``/``conv2d`` become
+  a grouped convolution with ``groups = T * groups``, ``linear`` becomes a per-task ``baddbmm``, and
+  ``batch_norm`` / ``layer_norm`` use per-task statistics written as explicit mean/var ops (not
+  ``F.batch_norm`` under ``vmap``, whose second-order meta-gradient is wrong). Per-sample ops (ReLU,
+  pooling, reshapes, residual additions) run unchanged on the big batch. Only modules whose parameters
+  all live in ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``, ``nn.BatchNorm1d/2d`` or ``nn.LayerNorm``
+  (exact types) are accepted, and any other op that touches a task-batched weight raises.
+
+In both paths BatchNorm follows the head's policy (see ``metaformer.heads.batchnorm``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from .batchnorm import PerStepBatchNorm, task_batch_norm
+
+PATHS = ("auto", "batched", "loop")
+Inputs = Union[Tensor, list]
+
+BATCHED_MODULE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm)
+
+
+def unsupported_batched_modules(module: nn.Module, names: Sequence[str]) -> list[str]:
+    """Names of the modules owning one of the parameters ``names`` that the batched path cannot run."""
+    wanted = set(names)
+    bad = []
+    for mod_name, mod in module.named_modules():
+        own = [f"{mod_name}.{p}" if mod_name else p for p, _ in mod.named_parameters(recurse=False)]
+        if any(n in wanted for n in own) and type(mod) not in BATCHED_MODULE_TYPES:
+            bad.append(f"{mod_name or '<root>'} ({type(mod).__name__})")
+    return bad
+
+
+def has_convolutions(module: nn.Module) -> bool:
+    """Whether the module contains a convolution (the loop path is faster for those on CPU)."""
+    return any(isinstance(m, nn.modules.conv._ConvNd) for m in module.modules())
+
+
+def choose_path(path: str, module: nn.Module, names: Sequence[str], device: torch.device, inputs_are_tensors: bool) -> str:
+    """Resolve "auto" to "loop" (convolutions on CPU, unsupported modules, text inputs) or "batched"."""
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    bad = unsupported_batched_modules(module, names)
+    if path == "batched":
+        if bad:
+            raise ValueError(
+                f"path='batched' cannot run parameters of {', '.join(bad)}: the batched path supports "
+                f"{', '.join(t.__name__ for t in BATCHED_MODULE_TYPES)}; use path='loop' (or 'auto')"
+            )
+        if not inputs_are_tensors:
+            raise ValueError("path='batched' needs tensor inputs; for lists (e.g. text) use path='loop' (or 'auto')")
+        return "batched"
+    if path == "loop":
+        return "loop"
+    if bad or not inputs_are_tensors:
+        return "loop"
+    if device.type == "cpu" and has_convolutions(module):
+        return "loop"
+    return "batched"
+
+
+class BatchNormContext:
+    """What a BatchNorm call needs to know besides its arguments: policy, inner step, tasks and padding."""
+
+    def __init__(
+        self,
+        per_step: Optional[PerStepBatchNorm],
+        step: int,
+        num_tasks: Optional[int],
+        sample_mask: Optional[Tensor],
+        training: bool,
+    ) -> None:
+        """Collect the BatchNorm settings for one forward pass."""
+        self.per_step = per_step
+        self.step = step
+        self.num_tasks = num_tasks
+        self.sample_mask = sample_mask
+        self.training = training
+        self.calls = 0
+
+    def __call__(self, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tensor:
+        """Normalise one BatchNorm call according to the policy."""
+        layer = self.calls
+        self.calls += 1
+        if self.per_step is not None:
+            return self.per_step(layer, self.step, x, self.num_tasks, self.sample_mask, self.training)
+        if self.num_tasks is None:
+            # transductive, one task: batch statistics, running buffers never read nor written
+            return F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
+        return task_batch_norm(x, self.num_tasks, weight, bias, eps, self.sample_mask)[0]
+
+
+def _arg(args: tuple, kwargs: dict, index: int, name: str, default: Any) -> Any:
+    """Positional-or-keyword argument ``name`` of an intercepted call."""
+    if len(args) > index:
+        return args[index]
+    return kwargs.get(name, default)
+
+
+# Calls that only read metadata of a tensor; harmless on a task-batched weight.
+_METADATA = frozenset({"dim", "size", "numel", "__get__", "is_floating_point", "requires_grad_", "__len__", "ndimension"})
+
+
+class _FastWeightMode(TorchFunctionMode):
+    """Intercepts the ops that consume weights, to add per-task BatchNorm statistics and task-batched weights."""
+
+    def __init__(self, bn: BatchNormContext, batched_ids: frozenset[int], memory_format: Optional[torch.memory_format] = None) -> None:
+        """``batched_ids``: ids of the task-batched weight tensors of this forward pass."""
+        super().__init__()
+        self.memory_format = memory_format or torch.contiguous_format
+        self.bn = bn
+        self.num_tasks = bn.num_tasks
+        self.batched_ids = batched_ids
+
+    def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:
+        kwargs = kwargs or {}
+        if func is F.batch_norm:
+            x = args[0]
+            weight = _arg(args, kwargs, 3, "weight", None)
+            bias = _arg(args, kwargs, 4, "bias", None)
+            eps = _arg(args, kwargs, 7, "eps", 1e-5)
+            return self.bn(x, weight, bias, eps)
+        if self.num_tasks is not None:
+            if func is F.conv2d or func is F.conv1d:
+                return self._conv(func, args, kwargs)
+            if func is F.linear:
+                return self._linear(args, kwargs)
+            if func is F.layer_norm:
+                return self._layer_norm(args, kwargs)
+            if self.batched_ids and getattr(func, "__name__", "") not in _METADATA:
+                self._reject_batched(func, args, kwargs)
+        return func(*args, **kwargs)
+
+    def _reject_batched(self, func: Callable, args: tuple, kwargs: dict) -> None:
+        """Raise when an op the batched path does not rewrite receives a task-batched weight."""
+        for a in list(args) + list(kwargs.values()):
+            items = a if isinstance(a, (list, tuple)) else (a,)
+            for t in items:
+                if isinstance(t, Tensor) and id(t) in self.batched_ids:
+                    raise NotImplementedError(
+                        f"the batched path cannot apply {getattr(func, '__name__', func)} to a task-batched weight "
+                        "(only conv1d/conv2d/linear/batch_norm/layer_norm are rewritten); use path='loop'"
+                    )
+
+    def _conv(self, func: Callable, args: tuple, kwargs: dict) -> Tensor:
+        x, weight = args[0], _arg(args, kwargs, 1, "weight", None)
+        bias = _arg(args, kwargs, 2, "bias", None)
+        stride = _arg(args, kwargs, 3, "stride", 1)
+        padding = _arg(args, kwargs, 4, "padding", 0)
+        dilation = _arg(args, kwargs, 5, "dilation", 1)
+        groups = _arg(args, kwargs, 6, "groups", 1)
+        spatial = 2 if func is F.conv2d else 1
+        if weight.dim() == spatial + 2:  # shared weight: one ordinary convolution over all tasks
+            return func(x, weight, bias, stride, padding, dilation, groups)
+        t = self.num_tasks
+        fmt = self.memory_format if spatial == 2 else torch.contiguous_format
+        xb = x.view(t, -1, *x.shape[1:])  # [T, B, C, *sp]
+        b = xb.shape[1]
+        xg = xb.transpose(0, 1).reshape(b, t * x.shape[1], *x.shape[2:]).contiguous(memory_format=fmt)
+        w = weight.reshape(t * weight.shape[1], *weight.shape[2:])
+        if bias is not None:
+            bias = (bias if bias.dim() == 2 else bias.expand(t, -1)).reshape(-1)
+        y = func(xg, w, bias, stride, padding, dilation, groups * t)  # [B, T*Cout, *sp']
+        y = y.view(b, t, -1, *y.shape[2:]).transpose(0, 1).reshape(t * b, -1, *y.shape[2:])
+        return y.contiguous(memory_format=fmt)
+
+    def _linear(self, args: tuple, kwargs: dict) -> Tensor:
+        x, weight = args[0], _arg(args, kwargs, 1, "weight", None)
+        bias = _arg(args, kwargs, 2, "bias", None)
+        if weight.dim() == 2:
+            if bias is not None and bias.dim() == 2:
+                return self._linear((x, weight.expand(self.num_tasks, -1, -1), bias), {})
+            return F.linear(x, weight, bias)
+        t = self.num_tasks
+        xb = x.reshape(t, -1, x.shape[-1])
+        if bias is None:
+            y = torch.bmm(xb, weight.transpose(1, 2))
+        else:
+            bb = bias.unsqueeze(1) if bias.dim() == 2 else bias.expand(t, 1, -1)
+            y = torch.baddbmm(bb, xb, weight.transpose(1, 2))
+        return y.reshape(*x.shape[:-1], weight.shape[1])
+
+    def _layer_norm(self, args: tuple, kwargs: dict) -> Tensor:
+        x, shape = args[0], tuple(_arg(args, kwargs, 1, "normalized_shape", None))
+        weight = _arg(args, kwargs, 2, "weight", None)
+        bias = _arg(args, kwargs, 3, "bias", None)
+        eps = _arg(args, kwargs, 4, "eps", 1e-5)
+        nd = len(shape)
+        if (weight is None or weight.dim() == nd) and (bias is None or bias.dim() == nd):
+            return F.layer_norm(x, shape, weight, bias, eps)
+        t = self.num_tasks
+        y = F.layer_norm(x, shape, None, None, eps).reshape(t, -1, *shape)
+        if weight is not None:
+            y = y * (weight.unsqueeze(1) if weight.dim() == nd + 1 else weight)
+        if bias is not None:
+            y = y + (bias.unsqueeze(1) if bias.dim() == nd + 1 else bias)
+        return y.reshape(x.shape)
+
+
+def _flatten_tasks(x: Tensor) -> Tensor:
+    """[T, B, *item] -> [T*B, *item] (task-major)."""
+    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+def functional_forward(
+    module: nn.Module,
+    names: Sequence[str],
+    fast: Sequence[Tensor],
+    shapes: Sequence[torch.Size],
+    x: Inputs,
+    *,
+    path: str,
+    sample_mask: Optional[Tensor] = None,
+    step: int = 0,
+    per_step_bn: Optional[PerStepBatchNorm] = None,
+    training: bool = True,
+    memory_format: Optional[torch.memory_format] = None,
+) -> Tensor:
+    """Run ``module`` on every task of ``x`` ([T, B, *item] or T lists) with its own fast weights -> [T, B, *out].
+
+    ``fast[i]`` is ``[T, *shapes[i]]`` (task-batched) or ``shapes[i]`` (shared by all tasks); parameters of
+    ``module`` not named in ``names`` are used as they are.
+    """
+    num_tasks = len(x) if isinstance(x, list) else x.shape[0]
+    batched_flags = [f.dim() == len(s) + 1 for f, s in zip(fast, shapes)]
+    if path == "batched":
+        bn = BatchNormContext(per_step_bn, step, num_tasks, sample_mask, training)
+        ids = frozenset(id(f) for f, b in zip(fast, batched_flags) if b)
+        xf = _flatten_tasks(x)
+        if memory_format is not None and xf.dim() == 4:
+            xf = xf.contiguous(memory_format=memory_format)
+        with _FastWeightMode(bn, ids, memory_format):
+            out = torch.func.functional_call(module, dict(zip(names, fast)), (xf,))
+        return out.reshape(num_tasks, -1, *out.shape[1:])
+    if path != "loop":
+        raise ValueError(f"path must be 'batched' or 'loop' here, got {path!r}")
+    per_task = [f.unbind(0) if b else None for f, b in zip(fast, batched_flags)]
+    outs = []
+    if sample_mask is not None and not isinstance(x, list):
+        lengths = sample_mask.sum(dim=1).tolist()
+        full = sample_mask.all(dim=1).tolist()
+    for t in range(num_tasks):
+        params = {n: (pt[t] if pt is not None else f) for n, pt, f in zip(names, per_task, fast)}
+        if isinstance(x, list):
+            xt = x[t]
+            if sample_mask is not None and len(xt) == sample_mask.shape[1] and not bool(sample_mask[t].all()):
+                xt = [item for item, keep in zip(xt, sample_mask[t].tolist()) if keep]
+        else:
+            xt = x[t]
+            if sample_mask is not None and not full[t]:
+                xt = xt[sample_mask[t]] if lengths[t] > 0 else xt[:0]
+            if memory_format is not None and xt.dim() == 4:
+                xt = xt.contiguous(memory_format=memory_format)
+        bn = BatchNormContext(per_step_bn, step, None, None, training)
+        with _FastWeightMode(bn, frozenset()):
+            outs.append(torch.func.functional_call(module, params, (xt,)))
+    return _pad_outputs(outs, sample_mask, x)
+
+
+def _pad_outputs(outs: list[Tensor], sample_mask: Optional[Tensor], x: Inputs) -> Tensor:
+    """Stack per-task outputs into [T, B, *out], scattering them to the real positions of padded tasks."""
+    if sample_mask is None or bool(sample_mask.all()):
+        return torch.stack(outs)
+    t, b = sample_mask.shape
+    out = outs[0].new_zeros(t, b, *outs[0].shape[1:])
+    rows = torch.cat(outs)
+    return out.index_put((sample_mask.nonzero(as_tuple=True)), rows)

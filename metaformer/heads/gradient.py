@@ -1,0 +1,260 @@
+"""The shared inner loop of the gradient-based heads (MAML family, Reptile, LSTM meta-learner).
+
+A gradient-based head is ``backbone -> nn.Linear(out_dim, n_out)``. Its *fast weights* are a subset of
+those parameters (all of them for MAML, the linear classifier for ANIL); every inner step is
+
+    grads = d(sum_t support_loss_t) / d(fast)            (per task, because fast weights carry a task dim)
+    fast  = metaformer.ops.inner_update(fast, grads, lr, decay)
+
+``lr``/``decay`` are a float (MAML), learned per-parameter tensors (Meta-SGD) or LSTM gates (Ravi &
+Larochelle). The meta-gradient flows through ``inner_update`` (second order: ``create_graph=True``;
+first order: the inner gradients are detached, so the Hessian term vanishes).
+
+Execution path (``path=``): "loop" runs one functional forward per task, "batched" runs the whole
+meta-batch in one pass (grouped convs / batched matmuls, see :mod:`metaformer.heads.functional`);
+"auto" (default) picks "loop" for convolutions on CPU and "batched" otherwise. Both are tested against
+a plain per-task autograd loop.
+
+BatchNorm (``batch_norm=``, see :mod:`metaformer.heads.batchnorm`): "transductive" (default, original
+MAML: per-task batch statistics in training and evaluation, BN weight/bias adapted like any fast weight)
+or "per_step" (MAML++: per-step running statistics and per-step BN weight/bias, not adapted).
+
+Memory (``first_order=True``: no second-order graph; ``checkpoint=True``: each inner step is
+recomputed during the backward instead of keeping its activations, so peak memory holds one inner step's
+graph instead of all of them; it needs ``loss.backward()`` / ``meta_backward`` (the reentrant checkpoint
+does not support ``torch.autograd.grad`` on the meta-loss), costs one more forward+backward of every step,
+and with ``batch_norm="per_step"`` updates the running statistics twice per step).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint as torch_checkpoint
+
+from metaformer.ops import inner_update
+
+from .base import BatchPredictor, FewShotHead, Inputs
+from .batchnorm import BN_MODES, PerStepBatchNorm, batchnorm_modules
+from .functional import choose_path, functional_forward
+from .losses import mask_unused_classes, task_losses
+
+
+class BackboneWithLinear(nn.Module):
+    """``backbone`` followed by a linear layer: the network a gradient-based head adapts."""
+
+    def __init__(self, backbone: nn.Module, n_out: int) -> None:
+        """Wrap ``backbone`` (with an ``out_dim`` attribute) and add ``classifier = Linear(out_dim, n_out)``."""
+        super().__init__()
+        dim = getattr(backbone, "out_dim", None)
+        if not isinstance(dim, int) or dim < 1:
+            raise ValueError(
+                f"{type(backbone).__name__} has no positive int attribute `out_dim`; every backbone must declare its feature size"
+            )
+        self.backbone = backbone
+        self.classifier = nn.Linear(dim, n_out)
+
+    def forward(self, x: Any) -> Tensor:
+        """[B, *item] -> [B, n_out]."""
+        return self.classifier(self.backbone(x))
+
+
+class FastWeights:
+    """Adapted state of T tasks: fast weights (task-batched) plus what the predictor needs."""
+
+    def __init__(self, tensors: list[Tensor], step: int) -> None:
+        """``tensors`` follow the head's ``fast_names``; ``step`` is the number of inner steps taken."""
+        self.tensors = tensors
+        self.step = step
+
+
+class GradientPredictor(BatchPredictor):
+    """Queries of T tasks through the network with the tasks' fast weights."""
+
+    def __init__(self, head: "GradientHead", fast: FastWeights, n_way: Optional[Tensor], path: str) -> None:
+        """Hold the adapted weights of a head."""
+        self.head = head
+        self.fast = fast
+        self.n_way = n_way
+        self.path = path
+
+    def __call__(self, query_x: Inputs, query_mask: Optional[Tensor] = None) -> Tensor:
+        """query_x [T, Q, *item] -> [T, Q, n_out] (classes beyond n_way are -inf)."""
+        out = self.head.forward_fast(self.fast.tensors, query_x, query_mask, self.fast.step, self.path)
+        return mask_unused_classes(out, self.n_way) if self.head.kind == "classification" else out
+
+
+class GradientHead(FewShotHead):
+    """Base of the heads that adapt by gradient steps on the support loss; subclasses choose lr/decay."""
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        n_way: int = 5,
+        *,
+        kind: str = "classification",
+        n_out: Optional[int] = None,
+        inner_steps: int = 1,
+        eval_inner_steps: Optional[int] = None,
+        inner_lr: float = 0.4,
+        first_order: bool = False,
+        adapt: str = "all",
+        batch_norm: str = "transductive",
+        path: str = "auto",
+        checkpoint: bool = False,
+        max_grad_norm: Optional[float] = None,
+        bn_momentum: float = 0.1,
+    ) -> None:
+        """Build the network ``backbone -> Linear(out_dim, n_out)`` and the inner-loop settings.
+
+        ``adapt``: "all" (MAML) or "head" (ANIL: only the classifier is a fast weight; the backbone features
+        are computed once per set). ``n_out`` defaults to ``n_way`` (classification) / 1 (regression).
+        """
+        out = n_out if n_out is not None else (n_way if kind == "classification" else 1)
+        super().__init__(kind, out)
+        if not isinstance(inner_steps, int) or inner_steps < 0:
+            raise ValueError(f"inner_steps must be an int >= 0, got {inner_steps!r}")
+        if eval_inner_steps is not None and (not isinstance(eval_inner_steps, int) or eval_inner_steps < 0):
+            raise ValueError(f"eval_inner_steps must be an int >= 0 or None, got {eval_inner_steps!r}")
+        if batch_norm not in BN_MODES:
+            raise ValueError(f"batch_norm must be one of {BN_MODES}, got {batch_norm!r}")
+        if adapt not in ("all", "head"):
+            raise ValueError(f"adapt must be 'all' (MAML) or 'head' (ANIL), got {adapt!r}")
+        if checkpoint and adapt == "head":
+            raise ValueError("checkpoint=True is for long inner loops over the whole network; ANIL adapts only the "
+                             "linear head (its inner steps hold almost no activations): use checkpoint=False")
+        if path not in ("auto", "batched", "loop"):
+            raise ValueError(f"path must be 'auto', 'batched' or 'loop', got {path!r}")
+        self.net = BackboneWithLinear(backbone, out)
+        self.inner_steps = inner_steps
+        self.eval_inner_steps = eval_inner_steps if eval_inner_steps is not None else inner_steps
+        self.inner_lr = float(inner_lr)
+        self.first_order = bool(first_order)
+        self.adapt_mode = adapt
+        self.batch_norm = batch_norm
+        self.path = path
+        self.checkpoint = bool(checkpoint)
+        self.max_grad_norm = max_grad_norm
+        bn_layers = batchnorm_modules(backbone)
+        self.per_step_bn: Optional[PerStepBatchNorm] = None
+        if batch_norm == "per_step":
+            self.per_step_bn = PerStepBatchNorm(bn_layers, max(inner_steps, self.eval_inner_steps), bn_momentum)
+        bn_param_ids = {id(p) for m in bn_layers for p in m.parameters(recurse=False)}
+        module = self.net if adapt == "all" else self.net.classifier
+        names = []
+        for name, p in module.named_parameters():
+            if batch_norm == "per_step" and id(p) in bn_param_ids:
+                continue  # MAML++ BN weight/bias live in the per-step table and are not adapted
+            names.append(name)
+        self.adapted_module = module
+        self.fast_names: list[str] = names
+        self._fast_ndims = [tuple(range(p.dim())) for p in self.fast_parameters()]
+
+    # ------------------------------------------------------------------ parameters
+    @property
+    def backbone(self) -> nn.Module:
+        """The feature extractor."""
+        return self.net.backbone
+
+    def fast_parameters(self) -> list[nn.Parameter]:
+        """The meta-parameters that initialise the fast weights, in ``fast_names`` order."""
+        params = dict(self.adapted_module.named_parameters())
+        return [params[n] for n in self.fast_names]
+
+    def resolve_path(self, x: Inputs) -> str:
+        """The execution path for inputs ``x`` ("loop" or "batched")."""
+        device = next(self.net.parameters()).device
+        return choose_path(self.path, self.adapted_module, self.fast_names, device, isinstance(x, Tensor))
+
+    def default_chunk_size(self, batch: Any) -> Optional[int]:
+        """Loop path: one task per backward (memory of one task's graph); batched path: the whole batch."""
+        return 1 if self.resolve_path(batch.support_x) == "loop" else None
+
+    # ------------------------------------------------------------------ forward with fast weights
+    def features(self, x: Inputs, mask: Optional[Tensor], step: int, path: str) -> Inputs:
+        """ANIL: backbone features [T, B, out_dim] (computed once per set); MAML: the input itself."""
+        if self.adapt_mode == "all":
+            return x
+        return functional_forward(
+            self.net.backbone, [], [], [], x, path=path, sample_mask=mask, step=step,
+            per_step_bn=self.per_step_bn, training=self.training,
+        )
+
+    def forward_fast(self, fast: Sequence[Tensor], x: Inputs, mask: Optional[Tensor], step: int, path: str,
+                     feats: Optional[Inputs] = None) -> Tensor:
+        """Network output [T, B, n_out] for inputs ``x`` with fast weights ``fast`` at inner step ``step``."""
+        if feats is None:
+            feats = self.features(x, mask, step, path)
+        # a fast weight's own shape minus its task dim: no parameter traversal per forward pass
+        shapes = [f.shape[1:] if f.dim() == len(n) + 1 else f.shape for f, n in zip(fast, self._fast_ndims)]
+        return functional_forward(
+            self.adapted_module, self.fast_names, fast, shapes, feats, path=path, sample_mask=mask, step=step,
+            per_step_bn=self.per_step_bn, training=self.training,
+        )
+
+    # ------------------------------------------------------------------ inner loop
+    def inner_rates(
+        self, step: int, fast: list[Tensor], grads: list[Tensor], losses: Tensor, state: dict
+    ) -> tuple[Union[float, list[Tensor]], Optional[Union[float, list[Tensor]]]]:
+        """(lr, decay) of inner step ``step`` for ``inner_update``; MAML: (inner_lr, None)."""
+        return self.inner_lr, None
+
+    def _step(self, step: int, create_graph: bool, x: Inputs, y: Tensor, mask: Optional[Tensor],
+              ways: Optional[Tensor], path: str, feats: Optional[Inputs], state: dict,
+              fast: list[Tensor]) -> list[Tensor]:
+        """One inner step on the support set: gradients of the per-task losses, then inner_update."""
+        out = self.forward_fast(fast, x, mask, step, path, feats)
+        if self.kind == "classification":
+            out = mask_unused_classes(out, ways)
+        losses = task_losses(out, y, mask, self.kind)
+        grads = list(torch.autograd.grad(losses.sum(), fast, create_graph=create_graph))
+        if not create_graph:
+            grads = [g.detach() for g in grads]
+        lr, decay = self.inner_rates(step, fast, grads, losses, state)
+        return inner_update(fast, grads, lr, decay, max_grad_norm=self.max_grad_norm)
+
+    def _checkpointed_step(self, args: tuple, *fast: Tensor) -> tuple[Tensor, ...]:
+        """An inner step run by the reentrant checkpoint, which calls it with autograd off: turn it back on.
+
+        Only the step's inputs are kept; the backward recomputes the step (including its inner
+        ``create_graph`` gradient) and backpropagates through it, so the meta-gradient stays second order.
+        """
+        with torch.enable_grad():
+            return tuple(self._step(*args, list(fast)))
+
+    def adapt_fast(self, support_x: Inputs, support_y: Tensor, mask: Optional[Tensor], ways: Optional[Tensor],
+                   steps: int, path: str, track_meta: bool) -> FastWeights:
+        """Run ``steps`` inner steps for all tasks; ``track_meta`` keeps the graph to the meta-parameters."""
+        t = len(support_x) if isinstance(support_x, list) else support_x.shape[0]
+        create_graph = track_meta and not self.first_order
+        with torch.enable_grad():
+            feats = self.features(support_x, mask, 0, path) if self.adapt_mode == "head" else None
+            # a task dim from the start: d(sum_t loss_t)/d(expanded weight) is then the per-task gradient
+            fast = [p.unsqueeze(0).expand(t, *p.shape) for p in self.fast_parameters()]
+            if not track_meta:
+                fast = [f.detach().clone().requires_grad_(True) for f in fast]
+                if feats is not None and isinstance(feats, Tensor):
+                    feats = feats.detach()
+            state: dict = {}
+            for k in range(steps):
+                if not track_meta:
+                    fast = [f.detach().requires_grad_(True) for f in fast]
+                args = (k, create_graph, support_x, support_y, mask, ways, path, feats, state)
+                if self.checkpoint and track_meta:
+                    fast = list(torch_checkpoint(self._checkpointed_step, args, *fast, use_reentrant=True))
+                else:
+                    fast = self._step(*args, fast)
+            if not track_meta:
+                fast = [f.detach() for f in fast]
+        return FastWeights(fast, steps)
+
+    def adapt_batch(self, support_x: Inputs, support_y: Tensor, support_mask: Optional[Tensor] = None,
+                    n_way: Optional[Union[int, Tensor]] = None) -> BatchPredictor:
+        """Adapt to T tasks (inner_steps in training mode, eval_inner_steps in eval mode) -> predictor."""
+        _, mask, ways = self.check_support(support_x, support_y, support_mask, n_way)
+        path = self.resolve_path(support_x)
+        steps = self.inner_steps if self.training else self.eval_inner_steps
+        fast = self.adapt_fast(support_x, support_y, mask, ways, steps, path, torch.is_grad_enabled())
+        return GradientPredictor(self, fast, ways, path)

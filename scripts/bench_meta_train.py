@@ -1,0 +1,312 @@
+#!/usr/bin/env python3
+"""MAML meta-training speed of the metaformer heads side by side with learn2learn, higher, TorchOpt and a
+plain PyTorch loop, on the same network, batch and initial weights, checking that the meta-gradients agree.
+
+Setups (those of ../shared/bench/peers_maml.py, whose child processes run the peers):
+  omniglot : 5-way 1-shot, 15 queries/class, 1x28x28, Finn et al. conv-4 (BatchNorm with batch statistics),
+             meta-batch 32, inner lr 0.4, cross-entropy;
+  sinusoid : MLP 1-40-40-1, K = 10 support / 10 query, meta-batch 25, inner lr 0.01, MSE;
+each with 1 and 5 inner steps, second order (so) and first order (fo).
+
+Every cell runs in a fresh child process (peak RSS = that cell alone): the peers in the peers' venv
+(``--peers-python``, default /tmp/peers/venv/bin/python, built by ../shared/bench/setup_venv.sh, because
+learn2learn / higher / TorchOpt are not installed in .venv), metaformer in this interpreter. A child
+(1) computes the meta-gradient at the shared initial weights on the shared batch (saved for the check),
+(2) runs ``--warmup`` more meta-train steps (meta-gradient + Adam), (3) times ``--timed`` steps; median.
+The meta-gradients are compared with the plain loop in float32 and in float64.
+
+Usage: .venv/bin/python scripts/bench_meta_train.py [--configs omniglot,sinusoid] [--steps-list 1,5]
+       [--orders so,fo] [--timed 3] [--threads 2] [--md-out docs/bench_meta_train.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+ROOT = Path(__file__).resolve().parents[1]
+PEERS_SCRIPT = ROOT.parent / "shared" / "bench" / "peers_maml.py"
+PEER_IMPLS = ["plain", "l2l", "higher", "torchopt_func", "torchopt_metasgd"]
+OUR_IMPLS = ["metaformer_loop", "metaformer_batched"]
+CONFIGS = {
+    "omniglot": dict(n_way=5, k_shot=1, k_query=15, inner_lr=0.4, meta_batch=32),
+    "sinusoid": dict(k_shot=10, k_query=10, inner_lr=0.01, meta_batch=25),
+}
+
+
+def build_peer_model(config: str) -> nn.Sequential:
+    """The peers' network (same module layout and state-dict keys as peers_maml.build_model)."""
+    if config == "omniglot":
+        layers: list[nn.Module] = []
+        cin = 1
+        for _ in range(4):
+            layers += [nn.Conv2d(cin, 64, 3, padding=1), nn.BatchNorm2d(64, track_running_stats=False), nn.ReLU(),
+                       nn.MaxPool2d(2)]
+            cin = 64
+        layers += [nn.Flatten(), nn.Linear(64, CONFIGS["omniglot"]["n_way"])]
+        return nn.Sequential(*layers)
+    return nn.Sequential(nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 1))
+
+
+def make_batch(config: str, num_tasks: int, gen: torch.Generator) -> list[torch.Tensor]:
+    """Synthetic data of the real shape, as in peers_maml.make_batch: (xs, ys, xq, yq)."""
+    c = CONFIGS[config]
+    if config == "omniglot":
+        n, k, q = c["n_way"], c["k_shot"], c["k_query"]
+        xs = torch.randn(num_tasks, n * k, 1, 28, 28, generator=gen)
+        xq = torch.randn(num_tasks, n * q, 1, 28, 28, generator=gen)
+        ys = torch.arange(n).repeat_interleave(k).expand(num_tasks, -1).contiguous()
+        yq = torch.arange(n).repeat_interleave(q).expand(num_tasks, -1).contiguous()
+        return [xs, ys, xq, yq]
+    k, q = c["k_shot"], c["k_query"]
+    amp = torch.rand(num_tasks, 1, 1, generator=gen) * 4.9 + 0.1
+    phase = torch.rand(num_tasks, 1, 1, generator=gen) * math.pi
+    xs = torch.rand(num_tasks, k, 1, generator=gen) * 10 - 5
+    xq = torch.rand(num_tasks, q, 1, generator=gen) * 10 - 5
+    return [xs, amp * torch.sin(xs - phase), xq, amp * torch.sin(xq - phase)]
+
+
+class SequentialBackbone(nn.Module):
+    """The peers' network without its last Linear, as a backbone with ``out_dim``."""
+
+    def __init__(self, layers: nn.Sequential, out_dim: int) -> None:
+        """Wrap ``layers`` (module names kept, so state-dict keys map one to one)."""
+        super().__init__()
+        self.seq = layers
+        self.out_dim = out_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, *item] -> [B, out_dim]."""
+        return self.seq(x)
+
+
+def build_our_head(config: str, peer: nn.Sequential, steps: int, first_order: bool, path: str) -> tuple[Any, dict[str, str]]:
+    """A metaformer MAML head on the peers' network with the peers' weights; returns (head, our->peer names)."""
+    from metaformer.heads import MAML
+
+    last = len(peer) - 1
+    body = nn.Sequential(*[peer[i] for i in range(last)])
+    out_dim = peer[last].in_features
+    kind = "classification" if config == "omniglot" else "regression"
+    n_way = CONFIGS["omniglot"]["n_way"] if kind == "classification" else 1
+    head = MAML(SequentialBackbone(body, out_dim), n_way, kind=kind, inner_steps=steps,
+                inner_lr=CONFIGS[config]["inner_lr"], first_order=first_order, path=path)
+    head.net.classifier.load_state_dict(peer[last].state_dict())
+    names = {}
+    for n, _ in head.net.named_parameters():
+        if n.startswith("backbone.seq."):
+            names[n] = n[len("backbone.seq."):]
+        else:
+            names[n] = n.replace("classifier.", f"{last}.")
+    return head, names
+
+
+def maxrss_mib() -> float:
+    """Peak resident set size of this process in MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def run_our_cell(a: argparse.Namespace) -> dict:
+    """Child: meta-gradient, warm-up and timed meta-train steps of a metaformer head."""
+    from metaformer.data import EpisodeBatch
+    from metaformer.ops import backend
+
+    torch.set_num_threads(a.threads)
+    dtype = getattr(torch, a.dtype)
+    shared = torch.load(a.shared, weights_only=True)
+    peer = build_peer_model(a.config)
+    peer.load_state_dict(shared["init"])
+    path = a.impl.split("_", 1)[1]
+    head, names = build_our_head(a.config, peer, a.steps, a.order == "fo", path)
+    head.to(dtype)
+    xs, ys, xq, yq = (b.to(dtype) if b.is_floating_point() else b for b in shared["batch"])
+    t = xs.shape[0]
+    reg = a.config == "sinusoid"
+    batch = EpisodeBatch(xs, ys, torch.ones(ys.shape[:2], dtype=torch.bool), xq, yq,
+                         torch.ones(yq.shape[:2], dtype=torch.bool),
+                         torch.full((t,), 0 if reg else CONFIGS["omniglot"]["n_way"], dtype=torch.int64),
+                         [[] if reg else [str(i) for i in range(5)] for _ in range(t)])
+    res = dict(config=a.config, impl=a.impl, steps=a.steps, order=a.order, meta_batch=t,
+               threads=torch.get_num_threads(), info={"ops_backend": backend(), "path": head.resolve_path(xs)})
+    opt = torch.optim.Adam(head.parameters(), lr=1e-3)
+    opt.zero_grad(set_to_none=True)
+    t0 = time.perf_counter()
+    loss, _ = head.meta_backward(batch)
+    res["first_call_s"] = time.perf_counter() - t0
+    res["meta_loss"] = float(loss)
+    params = dict(head.net.named_parameters())
+    torch.save({names[n]: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
+                for n, p in params.items()}, a.grad_out)
+
+    def step() -> None:
+        """One meta-train step: meta-gradient and Adam update."""
+        opt.zero_grad(set_to_none=True)
+        head.meta_backward(batch)
+        opt.step()
+
+    for _ in range(a.warmup):
+        step()
+    times = []
+    for _ in range(a.timed):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    med = statistics.median(times)
+    res.update(status="ok", times_s=times, median_s=med, steps_per_s=1 / med, tasks_per_s=t / med,
+               peak_rss_mib=maxrss_mib())
+    return res
+
+
+def grad_diff(ref: dict, other: dict) -> float:
+    """Global ||g - g_ref|| / ||g_ref|| over all parameters."""
+    num = sum(float(((other[k].double() - ref[k].double()) ** 2).sum()) for k in ref)
+    den = sum(float((ref[k].double() ** 2).sum()) for k in ref)
+    return math.sqrt(num) / max(math.sqrt(den), 1e-30)
+
+
+def run_child(cmd: list[str]) -> dict:
+    """Run one cell's child process and parse its RESULT line."""
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [line for line in p.stdout.splitlines() if line.startswith("RESULT ")]
+    if p.returncode != 0 or not lines:
+        tail = (p.stderr or p.stdout).strip().splitlines()[-1:] or [f"rc={p.returncode}"]
+        return dict(status="crashed", error=tail[0][:300], child_wall_s=time.perf_counter() - t0)
+    r = json.loads(lines[-1][len("RESULT "):])
+    r["child_wall_s"] = time.perf_counter() - t0
+    return r
+
+
+def main_parent(a: argparse.Namespace) -> None:
+    """Run every (setup, steps, order, implementation) cell and print the table."""
+    peers_ok = Path(a.peers_python).exists() and Path(a.peers_script).exists()
+    if not peers_ok:
+        print(f"# peers not found ({a.peers_python}, {a.peers_script}): running metaformer and nothing else", flush=True)
+    impls = [i for i in a.impls.split(",") if i and (peers_ok or i in OUR_IMPLS)]
+    results = []
+    load = os.getloadavg()
+    print(f"# threads={a.threads} warmup={a.warmup} timed={a.timed} load average at start {load}", flush=True)
+    t_start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench_meta_train_") as tmp:
+        for config in a.configs.split(","):
+            num_tasks = CONFIGS[config]["meta_batch"]
+            torch.manual_seed(a.seed)
+            model = build_peer_model(config)
+            shared = os.path.join(tmp, f"{config}.pt")
+            torch.save({"init": model.state_dict(), "batch": make_batch(config, num_tasks, torch.Generator().manual_seed(a.seed + 1))},
+                       shared)
+            for steps in [int(s) for s in a.steps_list.split(",")]:
+                for order in a.orders.split(","):
+                    grads, ref64 = {}, None
+                    if peers_ok:
+                        gout = os.path.join(tmp, f"ref64_{config}_{steps}_{order}.pt")
+                        r = run_child([a.peers_python, str(a.peers_script), "--child", "--dtype", "float64", "--config", config,
+                                       "--impl", "plain", "--steps", str(steps), "--order", order, "--shared", shared,
+                                       "--grad-out", gout, "--threads", str(a.threads), "--warmup", "0", "--timed", "0"])
+                        if os.path.exists(gout):
+                            ref64 = torch.load(gout, weights_only=True)
+                    for impl in impls:
+                        gout = os.path.join(tmp, f"g_{config}_{steps}_{order}_{impl}.pt")
+                        common = ["--config", config, "--impl", impl, "--steps", str(steps), "--order", order,
+                                  "--shared", shared, "--grad-out", gout, "--threads", str(a.threads),
+                                  "--warmup", str(a.warmup),
+                                  "--timed", str(a.timed if config == "omniglot" else a.sine_timed)]
+                        if impl in OUR_IMPLS:
+                            r = run_child([sys.executable, os.path.abspath(__file__), "--child"] + common)
+                        else:
+                            r = run_child([a.peers_python, str(a.peers_script), "--child"] + common)
+                        r.update(config=config, impl=impl, steps=steps, order=order)
+                        if r.get("status") == "ok" and os.path.exists(gout):
+                            grads[impl] = torch.load(gout, weights_only=True)
+                        results.append(r)
+                        msg = (f"{r['tasks_per_s']:8.1f} tasks/s  peak RSS {r['peak_rss_mib']:6.0f} MiB"
+                               if r.get("status") == "ok" else f"{r.get('status')}: {r.get('error')}")
+                        print(f"{config:8s} steps={steps} {order} {impl:18s} {msg}", flush=True)
+                    for r in results:
+                        if (r["config"], r["steps"], r["order"]) == (config, steps, order) and r["impl"] in grads:
+                            if "plain" in grads:
+                                r["grad_rel_plain32"] = grad_diff(grads["plain"], grads[r["impl"]])
+                            if ref64 is not None:
+                                r["grad_rel_plain64"] = grad_diff(ref64, grads[r["impl"]])
+    total = time.perf_counter() - t_start
+    table = format_table(results, os.getloadavg(), load, total, a)
+    print("\n" + table)
+    if a.md_out:
+        Path(a.md_out).write_text(table + "\n")
+    if a.json_out:
+        Path(a.json_out).write_text(json.dumps({"results": results, "total_s": total, "args": vars(a)}, indent=1))
+
+
+def format_table(results: list[dict], load_end: tuple, load_start: tuple, total: float, a: argparse.Namespace) -> str:
+    """Markdown table of all cells with speed-up against the fastest peer."""
+    lines = [
+        f"Command: `.venv/bin/python scripts/bench_meta_train.py {' '.join(sys.argv[1:])}`  ",
+        f"torch {torch.__version__}, CPU, {a.threads} threads, warm-up 1+{a.warmup}, {a.timed} (omniglot) / {a.sine_timed} "
+        "(sinusoid) timed meta-steps (median). "
+        f"Load average at start {tuple(round(x, 1) for x in load_start)}, end {tuple(round(x, 1) for x in load_end)}: "
+        f"shared machine, use ratios. Total {total:.0f} s.",
+        "",
+        "| setup | steps | order | impl | tasks/s | x fastest peer | peak RSS (MiB) | meta-grad vs plain fp32 | vs plain fp64 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        cell = [x for x in results if (x["config"], x["steps"], x["order"]) == (r["config"], r["steps"], r["order"])]
+        peers = [x["tasks_per_s"] for x in cell if x.get("status") == "ok" and x["impl"] not in OUR_IMPLS]
+        head = f"| {r['config']} | {r['steps']} | {r['order'].upper()} | {r['impl']} |"
+        if r.get("status") != "ok":
+            lines.append(head + f" {r.get('status')} | | | {str(r.get('error', ''))[:90]} | |")
+            continue
+        ratio = f"{r['tasks_per_s'] / max(peers):.2f}" if peers else "-"
+        g32 = "(ref)" if r["impl"] == "plain" else (f"{r['grad_rel_plain32']:.1e}" if "grad_rel_plain32" in r else "-")
+        g64 = f"{r['grad_rel_plain64']:.1e}" if "grad_rel_plain64" in r else "-"
+        lines.append(head + f" {r['tasks_per_s']:.1f} | {ratio} | {r['peak_rss_mib']:.0f} | {g32} | {g64} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    """Parse arguments; run as parent (the table) or as one cell's child."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", default="omniglot,sinusoid")
+    ap.add_argument("--steps-list", default="1,5")
+    ap.add_argument("--orders", default="so,fo")
+    ap.add_argument("--impls", default=",".join(PEER_IMPLS + OUR_IMPLS))
+    ap.add_argument("--warmup", type=int, default=1, help="extra warm-up steps after the gradient-check step")
+    ap.add_argument("--timed", type=int, default=3, help="timed steps (omniglot)")
+    ap.add_argument("--sine-timed", type=int, default=20, help="timed steps (sinusoid)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--peers-python", default="/tmp/peers/venv/bin/python")
+    ap.add_argument("--peers-script", default=str(PEERS_SCRIPT))
+    ap.add_argument("--md-out", default="")
+    ap.add_argument("--json-out", default="")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    for opt in ("--config", "--impl", "--order", "--shared", "--grad-out"):
+        ap.add_argument(opt, help=argparse.SUPPRESS)
+    ap.add_argument("--steps", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        try:
+            res = run_our_cell(a)
+        except Exception as e:  # noqa: BLE001 - reported in the table instead of killing the run
+            res = dict(status="run failed", error=f"{type(e).__name__}: {str(e)[:300]}")
+        print("RESULT " + json.dumps(res), flush=True)
+    else:
+        main_parent(a)
+
+
+if __name__ == "__main__":
+    main()
