@@ -1,0 +1,75 @@
+"""Evaluation: the 95% confidence interval against a hand computation, per-episode scores, reports."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from metaformer.data import EpisodeBatch
+from training.config import load_config
+from training.evaluation import EvalResult, episode_scores, evaluate, markdown_table, mean_ci95, write_report
+from training.registry import build_episodes, build_model
+
+TINY = Path(__file__).resolve().parents[1] / "training" / "configs" / "tiny.yaml"
+
+
+def test_ci95_matches_hand_computation() -> None:
+    values = [0.6, 0.8, 1.0, 0.4, 0.7]
+    # mean = 3.5 / 5 = 0.7; deviations -0.1, 0.1, 0.3, -0.3, 0; sum of squares 0.2; sample var 0.05
+    mean, ci, std = mean_ci95(values)
+    assert mean == pytest.approx(0.7)
+    assert std == pytest.approx(math.sqrt(0.05))
+    assert ci == pytest.approx(1.959963984540054 * math.sqrt(0.05) / math.sqrt(5))  # = 0.19600
+    assert ci == pytest.approx(0.19600, abs=1e-5)
+    assert mean_ci95([0.5]) == (0.5, 0.0, 0.0)
+    with pytest.raises(ValueError):
+        mean_ci95([])
+
+
+def test_episode_scores_ignore_padding() -> None:
+    # Task 0: 3 real queries, 2 right. Task 1: 2 real queries (third is padding), 1 right.
+    logits = torch.tensor([[[5.0, 0.0], [0.0, 5.0], [5.0, 0.0]], [[5.0, 0.0], [5.0, 0.0], [0.0, 5.0]]])
+    qy = torch.tensor([[0, 1, 1], [0, 1, -1]])
+    qm = torch.tensor([[True, True, True], [True, True, False]])
+    batch = EpisodeBatch(
+        support_x=torch.zeros(2, 2, 1), support_y=torch.tensor([[0, 1], [0, 1]]), support_mask=torch.ones(2, 2, dtype=torch.bool),
+        query_x=torch.zeros(2, 3, 1), query_y=qy, query_mask=qm, n_way=torch.tensor([2, 2]), class_names=[["a", "b"]] * 2,
+    )
+    assert episode_scores(logits, batch) == pytest.approx([2 / 3, 1 / 2])
+
+
+def test_evaluate_real_model_on_fixed_episodes() -> None:
+    cfg = load_config(TINY, ["eval.episodes=10", "eval.batch_tasks=4"])
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    episodes = build_episodes(cfg, "test")
+    res = evaluate(model, episodes, 10, 4, torch.device("cpu"), name="mt")
+    assert res.episodes == 10 and len(res.per_episode) == 10 and res.metric == "accuracy"
+    # The per-episode values are the accuracies of each episode's own forward pass.
+    model.eval()
+    with torch.no_grad():
+        for i in (0, 7):
+            b = episodes.batch(i, 1)
+            acc = float((model(b).argmax(-1) == b.query_y).float().mean())
+            assert res.per_episode[i] == pytest.approx(acc)
+    m, ci, _ = mean_ci95(res.per_episode)
+    assert (res.mean, res.ci95) == (pytest.approx(m), pytest.approx(ci))
+    # Fixed episodes: the same seed gives the same images.
+    again = build_episodes(cfg, "test").batch(3, 2)
+    assert torch.equal(again.query_x, episodes.batch(3, 2).query_x)
+
+
+def test_report_json_and_markdown(tmp_path: Path) -> None:
+    a = EvalResult("A", "accuracy", 0.5, 0.04, 0.1, 600, step=10, per_episode=[0.5] * 3)
+    b = EvalResult("B", "accuracy", 0.625, 0.0312, 0.1, 600, step=20)
+    jpath, mpath = write_report([a, b], tmp_path, header={"episodes": 600})
+    table = mpath.read_text()
+    assert "| A | accuracy (%) | 50.00 | ± 4.00 | 600 | 10 |" in table
+    assert "| B | accuracy (%) | 62.50 | ± 3.12 | 600 | 20 |" in table
+    data = json.loads(jpath.read_text())
+    assert data["episodes"] == 600 and [r["name"] for r in data["results"]] == ["A", "B"]
+    assert markdown_table([a]).count("\n") == 3

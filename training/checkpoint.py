@@ -1,0 +1,293 @@
+"""Checkpoints: a folder per step with safetensors weights, trainer state, config and a checksummed manifest.
+
+Layout of a run folder::
+
+    run_dir/step-00000100/model.safetensors   weights (state_dict, buffers included)
+                          trainer_state.pt    optimizer, scheduler, scaler, RNG states of every rank, step
+                          config.yaml         the run's config
+                          meta.json           format, step, model name, metrics, size + sha256 of each file
+    run_dir/best.json                         which step folder holds the best validation metric
+
+Each step folder is published by one atomic rename (training.atomic), so after a crash every
+`step-*` folder is complete; the newest one is the resume point.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from torch import Tensor
+
+from .atomic import atomic_write_dir, atomic_write_text, remove_dir_safely, remove_stale_temporaries
+from .config import Config, ConfigError, config_from_dict, dump_config
+
+FORMAT = "metaformer-checkpoint"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+STATE_FILE = "trainer_state.pt"
+CONFIG_FILE = "config.yaml"
+META_FILE = "meta.json"
+BEST_FILE = "best.json"
+STEP_DIR_RE = re.compile(r"^step-(\d{8})$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: missing, truncated, corrupted, or written for another model."""
+
+
+class NonFiniteStateError(RuntimeError):
+    """Refusal to write a checkpoint whose weights hold NaN or inf."""
+
+
+def step_dir_name(step: int) -> str:
+    """Folder name of the checkpoint written after `step` optimiser steps."""
+    return f"step-{step:08d}"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def nonfinite_tensors(state: dict[str, Tensor]) -> list[str]:
+    """Names of floating-point tensors in a state dict that hold NaN or inf."""
+    return [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+
+
+def _weights_for_safetensors(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    # safetensors refuses tensors that share storage (tied weights); independent CPU copies are exact and
+    # load_state_dict writes the value back into every alias.
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+
+
+def save_checkpoint(
+    run_dir: Union[str, Path],
+    *,
+    step: int,
+    model_state: dict[str, Tensor],
+    trainer_state: dict[str, Any],
+    config: Config,
+    model_name: str,
+    model_class: str,
+    metrics: Optional[dict[str, float]] = None,
+    keep_last: int = 3,
+) -> Path:
+    """Atomically write the checkpoint of `step` into run_dir, then prune to the last `keep_last` (plus best)."""
+    from safetensors.torch import save_file
+
+    bad = nonfinite_tensors(model_state)
+    if bad:
+        raise NonFiniteStateError(
+            f"refusing to write checkpoint at step {step}: non-finite values in {', '.join(bad[:5])}"
+            + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        )
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(run_dir)
+    final = run_dir / step_dir_name(step)
+    if final.exists():
+        # Only possible when a run is resumed from an older checkpoint than the newest one on disk and
+        # re-reaches this step; the new state supersedes the old one.
+        remove_dir_safely(final)
+
+    def fill(tmp: Path) -> None:
+        """Write every file of the checkpoint into the temporary folder, the manifest last."""
+        save_file(_weights_for_safetensors(model_state), str(tmp / WEIGHTS_FILE),
+                  metadata={"format": FORMAT, "model_name": model_name, "step": str(step)})
+        buf = io.BytesIO()
+        torch.save(trainer_state, buf)
+        (tmp / STATE_FILE).write_bytes(buf.getvalue())
+        (tmp / CONFIG_FILE).write_text(dump_config(config))
+        files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
+        meta = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "step": step,
+            "model_name": model_name,
+            "model_class": model_class,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "metrics": metrics or {},
+            "files": files,
+        }
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+
+    atomic_write_dir(final, fill)
+    prune_checkpoints(run_dir, keep_last)
+    return final
+
+
+def list_checkpoints(run_dir: Union[str, Path]) -> list[Path]:
+    """Published step folders of a run, oldest first."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    steps = [(int(m.group(1)), p) for p in run_dir.iterdir() if p.is_dir() and (m := STEP_DIR_RE.match(p.name))]
+    return [p for _, p in sorted(steps)]
+
+
+def read_best(run_dir: Union[str, Path]) -> Optional[dict]:
+    """The best.json record of a run, or None."""
+    path = Path(run_dir) / BEST_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+def update_best(run_dir: Union[str, Path], step: int, metric: str, value: float, higher_is_better: bool) -> bool:
+    """Record step as best if `value` beats the recorded best; returns whether it did."""
+    current = read_best(run_dir)
+    if current is not None and current.get("metric") == metric:
+        prev = current["value"]
+        if not (value > prev if higher_is_better else value < prev):
+            return False
+    record = {"step": step, "dir": step_dir_name(step), "metric": metric, "value": value,
+              "higher_is_better": higher_is_better}
+    atomic_write_text(Path(run_dir) / BEST_FILE, json.dumps(record, indent=2))
+    return True
+
+
+def prune_checkpoints(run_dir: Union[str, Path], keep_last: int) -> None:
+    """Delete all but the newest `keep_last` step folders, never the best one."""
+    ckpts = list_checkpoints(run_dir)
+    best = read_best(run_dir)
+    protected = {best["dir"]} if best else set()
+    for path in ckpts[: max(0, len(ckpts) - keep_last)]:
+        if path.name not in protected:
+            remove_dir_safely(path)
+
+
+def resolve_checkpoint(path: Union[str, Path], which: str = "latest") -> Path:
+    """A step folder from a step folder or a run folder (its latest or best checkpoint)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint path {path} does not exist")
+    if (path / META_FILE).is_file() or (path / WEIGHTS_FILE).is_file():
+        return path
+    if which == "best":
+        best = read_best(path)
+        if best and (path / best["dir"]).is_dir():
+            return path / best["dir"]
+    ckpts = list_checkpoints(path)
+    if not ckpts:
+        raise CheckpointError(
+            f"{path} holds no checkpoint (no step-XXXXXXXX folder with {META_FILE}); "
+            "pass a run folder written by `metaformer train` or one of its step folders"
+        )
+    return ckpts[-1]
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint read from disk and verified against its manifest."""
+
+    path: Path
+    step: int
+    model_name: str
+    model_class: str
+    config: Config
+    model_state: dict[str, Tensor]
+    trainer_state: Optional[dict[str, Any]] = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def _verify_files(path: Path, meta: dict) -> None:
+    for name, info in meta.get("files", {}).items():
+        fpath = path / name
+        if not fpath.is_file():
+            raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing")
+        size = fpath.stat().st_size
+        if size != info["bytes"]:
+            raise CheckpointError(
+                f"checkpoint file {fpath} is truncated or altered: {size} bytes, the manifest says {info['bytes']}; "
+                "use an earlier checkpoint of the run"
+            )
+        if _sha256(fpath) != info["sha256"]:
+            raise CheckpointError(f"checkpoint file {fpath} is corrupted (sha256 differs from {META_FILE}); use an earlier checkpoint")
+
+
+def read_checkpoint(path: Union[str, Path], *, with_trainer_state: bool = True, which: str = "latest") -> Checkpoint:
+    """Read and verify a checkpoint (a step folder, or a run folder's latest/best); raises CheckpointError."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = resolve_checkpoint(path, which)
+    meta_path = path / META_FILE
+    if not meta_path.is_file():
+        raise CheckpointError(f"{path} has no {META_FILE}; it was not written by `metaformer train` (or the write did not finish)")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{meta_path} is not valid JSON ({exc}); the checkpoint is damaged") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a metaformer training checkpoint (format {meta.get('format')!r})")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{path} uses checkpoint format {meta['format_version']}; this metaformer reads up to {FORMAT_VERSION}")
+    _verify_files(path, meta)
+    try:
+        weights = load_file(str(path / WEIGHTS_FILE))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read weights {path / WEIGHTS_FILE}: {exc}") from None
+    import yaml
+
+    try:
+        config = config_from_dict(yaml.safe_load((path / CONFIG_FILE).read_text()) or {})
+    except (ConfigError, yaml.YAMLError) as exc:
+        raise CheckpointError(f"the config stored in {path / CONFIG_FILE} is not usable: {exc}") from None
+    trainer_state = None
+    if with_trainer_state:
+        try:
+            trainer_state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch.load raises several types for damaged files
+            raise CheckpointError(f"cannot read trainer state {path / STATE_FILE}: {exc}") from None
+    return Checkpoint(path=path, step=int(meta["step"]), model_name=meta["model_name"], model_class=meta.get("model_class", ""),
+                      config=config, model_state=weights, trainer_state=trainer_state, metrics=meta.get("metrics", {}))
+
+
+def load_weights_into(model: torch.nn.Module, ckpt: Checkpoint, model_name: str) -> None:
+    """Copy checkpoint weights into `model`, with a clear error when they belong to another model."""
+    if ckpt.model_name != model_name:
+        raise CheckpointError(
+            f"checkpoint {ckpt.path} holds a '{ckpt.model_name}' model but the config builds '{model_name}'; "
+            f"use the checkpoint's own config (omit --config) or a checkpoint of '{model_name}'"
+        )
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(ckpt.model_state))
+    unexpected = sorted(set(ckpt.model_state) - set(expected))
+    shape_bad = [
+        f"{k}: checkpoint {tuple(ckpt.model_state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in ckpt.model_state and tuple(ckpt.model_state[k].shape) != tuple(v.shape)
+    ]
+    if missing or unexpected or shape_bad:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensor(s) (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected tensor(s) (e.g. {', '.join(unexpected[:3])})")
+        if shape_bad:
+            parts.append(f"{len(shape_bad)} shape mismatch(es) (e.g. {'; '.join(shape_bad[:3])})")
+        raise CheckpointError(
+            f"checkpoint {ckpt.path} does not fit the model built from the config ({'; '.join(parts)}); "
+            "the architecture settings (model.*, data.n_way, data.image_size) must match the ones it was trained with"
+        )
+    model.load_state_dict(ckpt.model_state, strict=True)
+
+
+def metric_is_finite(value: Optional[float]) -> bool:
+    """True for a finite float."""
+    return value is not None and math.isfinite(value)

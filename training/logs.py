@@ -1,0 +1,60 @@
+"""Run logs: a CSV file (always) and TensorBoard event files (optional), written by the main rank only."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Optional
+
+CSV_NAME = "log.csv"
+CSV_FIELDS = ("step", "episodes", "loss", "accuracy", "mse", "lr", "grad_norm", "episodes_per_s", "skipped",
+              "val_accuracy", "val_mse", "wall_s")
+
+
+def truncate_csv(path: Path, last_step: int) -> None:
+    """Drop rows logged after `last_step` (written by a run that crashed after its last checkpoint)."""
+    if not path.is_file():
+        return
+    with open(path, newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r.get("step") and int(r["step"]) <= last_step]
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+class RunLogger:
+    """Appends rows to <run_dir>/log.csv and scalars to TensorBoard under <run_dir>/tb."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool, resume_step: Optional[int] = None) -> None:
+        """Open the CSV (truncated to resume_step when resuming) and, if asked, a SummaryWriter."""
+        self.path = Path(run_dir) / CSV_NAME
+        if resume_step is not None:
+            truncate_csv(self.path, resume_step)
+        new = not self.path.is_file() or resume_step is None
+        self._fh = open(self.path, "w" if new else "a", newline="")
+        self._writer = csv.DictWriter(self._fh, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        if new:
+            self._writer.writeheader()
+        self.tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=str(Path(run_dir) / "tb"), purge_step=resume_step + 1 if resume_step else None)
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        """Write one row (missing fields left empty) and the finite scalars to TensorBoard."""
+        self._writer.writerow({"step": step, **values})
+        self._fh.flush()
+        if self.tb is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)) and math.isfinite(value) and key != "step":
+                    self.tb.add_scalar(key if "/" in key else f"train/{key}", value, step)
+
+    def close(self) -> None:
+        """Flush and close both outputs."""
+        self._fh.close()
+        if self.tb is not None:
+            self.tb.flush()
+            self.tb.close()

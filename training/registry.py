@@ -1,0 +1,149 @@
+"""Names in configs -> data sources and learners. Imports metaformer.models / heads lazily so a config only
+needs the parts it names."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any, Optional
+
+from torch import nn
+
+from training.config import Config, ConfigError, resolve_data_root
+
+SOURCES = ("glyph", "sinusoid", "omniglot")
+HEADS = ("maml", "fomaml", "anil", "metasgd", "reptile", "lstm", "protonet", "matchingnet")
+MODELS = ("meta_transformer",) + HEADS
+
+
+def _import(module: str, what: str) -> Any:
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ConfigError(f"{what} needs {module}, which cannot be imported: {exc}") from exc
+
+
+def is_regression(cfg: Config) -> bool:
+    """Whether the configured source gives regression episodes."""
+    return cfg.data.source == "sinusoid"
+
+
+def split_seed(cfg: Config, split: str) -> int:
+    """Episode seed of a split: training episodes follow the run seed, evaluation splits the eval seed."""
+    if split == cfg.data.train_split:
+        return cfg.seed
+    return cfg.eval.seed + (1 if split == cfg.data.val_split else 0) * 7919
+
+
+def build_episodes(cfg: Config, split: str, data_root: Optional[str] = None) -> Any:
+    """An indexable episode source with .batch(start, T) for one split (a fixed pure function of its seed)."""
+    data = _import("metaformer.data", "data")
+    d = cfg.data
+    seed = split_seed(cfg, split)
+    if d.source == "sinusoid":
+        # Splits of a task family differ by seed only; the offsets keep train and test tasks apart.
+        offset = {d.train_split: 0, d.val_split: 1_000_003, d.test_split: 2_000_003}.get(split, 3_000_017)
+        return data.SinusoidFamily(d.k_shot, d.q_query, seed=seed + offset, **d.options)
+    if d.source == "glyph":
+        source = data.GlyphFamily(split=split, image_size=d.image_size, **d.options)
+    elif d.source == "omniglot":
+        source = _omniglot_source(cfg, split, data_root)
+    else:
+        raise ConfigError(f"data.source must be one of {', '.join(SOURCES)}, got {d.source!r}")
+    return data.EpisodeSampler(source, d.n_way, d.k_shot, d.q_query, seed=seed)
+
+
+OMNIGLOT_SCHEMES = ("vinyals", "alphabets")
+
+
+def _omniglot_source(cfg: Config, split: str, data_root: Optional[str]) -> Any:
+    """Omniglot classes of one split.
+
+    data.options.split_scheme: "vinyals" (the standard benchmark split, rotations as classes; needs
+    images_background.zip and images_evaluation.zip) or "alphabets" (background alphabets only, split by
+    alphabet 20/5/5 into train/val/test, with rotations unless data.options.rotations is false).
+    """
+    root = resolve_data_root(cfg, data_root)
+    if root is None or not Path(root).is_dir():
+        raise ConfigError(
+            "data.source=omniglot needs the data folder: pass --data-root, set data.root or $METAFORMER_DATA_ROOT "
+            "(a folder holding omniglot/images_background.zip)"
+        )
+    data = _import("metaformer.data.omniglot", "data.source=omniglot")
+    opts = dict(cfg.data.options)
+    scheme = opts.pop("split_scheme", "vinyals")
+    rotations = bool(opts.pop("rotations", True))
+    split_seed = int(opts.pop("split_seed", 0))
+    if opts:
+        raise ConfigError(f"unknown data.options for omniglot: {sorted(opts)}; valid: split_scheme, rotations, split_seed")
+    part = {cfg.data.train_split: "train", cfg.data.val_split: "val", cfg.data.test_split: "test"}.get(split, split)
+    try:
+        if scheme == "vinyals":
+            return data.omniglot_vinyals_split(root, part=part, image_size=cfg.data.image_size, download=False)
+        if scheme == "alphabets":
+            source = _cached_background(str(root), cfg.data.image_size, rotations)
+            parts = data.omniglot_alphabet_split(source, counts={"train": 20, "val": 5, "test": 5}, seed=split_seed)
+            return parts[part]
+    except (FileNotFoundError, ValueError, OSError) as exc:
+        raise ConfigError(f"cannot load Omniglot ({scheme} split, part {part!r}) from {root}: {exc}") from None
+    raise ConfigError(f"data.options.split_scheme must be one of {', '.join(OMNIGLOT_SCHEMES)}, got {scheme!r}")
+
+
+def _cached_background(root: str, image_size: int, rotations: bool) -> Any:
+    """The background set (metaformer.data keeps a decoded cache on disk, so repeated loads are fast)."""
+    from metaformer.data.omniglot import load_omniglot
+
+    return load_omniglot(root, ("background",), image_size, rotations=rotations, download=False)
+
+
+def in_channels(cfg: Config) -> int:
+    """Image channels of the configured source."""
+    return 1 if cfg.data.source in ("glyph", "omniglot") else 3
+
+
+def backbone_kwargs(cfg: Config) -> dict[str, Any]:
+    """Constructor arguments of the backbone: input size from the data source, then model.backbone_options."""
+    if cfg.model.backbone.lower() == "mlp":
+        base: dict[str, Any] = {"in_dim": 1} if is_regression(cfg) else {}
+    else:
+        base = {"in_channels": in_channels(cfg)}
+    return {**base, **cfg.model.backbone_options}
+
+
+def build_backbone(cfg: Config) -> nn.Module:
+    """The configured feature extractor (Conv4, ResNet12, MLP)."""
+    models = _import("metaformer.models", "model.backbone")
+    try:
+        return models.build_backbone(cfg.model.backbone, **backbone_kwargs(cfg))
+    except ValueError as exc:
+        raise ConfigError(f"model.backbone / model.backbone_options: {exc}") from None
+
+
+def build_model(cfg: Config) -> nn.Module:
+    """The configured learner: an nn.Module with loss(batch) -> (loss, metrics)."""
+    name = cfg.model.name
+    regression = is_regression(cfg)
+    if name == "meta_transformer":
+        models = _import("metaformer.models", "model.name=meta_transformer")
+        kw: dict[str, Any] = {"task": "regression" if regression else "classification",
+                              "backbone": cfg.model.backbone, "backbone_kwargs": backbone_kwargs(cfg)}
+        if regression:
+            kw.update(d_in=1, d_out=1)
+        else:
+            kw.update(max_way=cfg.data.n_way)
+        kw.update(cfg.model.options)
+        try:
+            mcfg = models.MetaTransformerConfig(**kw)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"model.options do not fit MetaTransformerConfig: {exc}") from None
+        return models.MetaTransformer(mcfg)
+    if name in HEADS:
+        heads = _import("metaformer.heads", f"model.name={name}")
+        backbone = build_backbone(cfg)
+        kw = {"kind": "regression", "n_out": 1} if regression else {"n_way": cfg.data.n_way}
+        kw.update(cfg.model.options)
+        try:
+            return heads.build_head(name, backbone, **kw)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"model.options do not fit head {name!r}: {exc}") from None
+    raise ConfigError(f"model.name must be one of {', '.join(MODELS)}, got {name!r}")

@@ -1,0 +1,404 @@
+"""The episodic meta-training loop: optimiser, schedule, clipping, mixed precision, NaN policy, logging,
+checkpoints with exact resume, and data-parallel training under torchrun."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from training import checkpoint as ckpt_io
+from training.atomic import atomic_write_text
+from training.config import Config, ConfigError, config_differences, dump_config
+from training.distributed import DistInfo, all_gather_objects, any_rank, cleanup, init_from_env, max_param_divergence
+from training.logs import RunLogger
+from training.optim import build_optimizer, build_scheduler
+from training.registry import build_episodes, build_model
+from training.seeding import rng_state, seed_everything, set_rng_state
+
+SUMMARY_FILE = "summary.json"
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training met a NaN/inf loss or gradient and the config says to stop (train.nan_policy=stop)."""
+
+
+class LossModule(nn.Module):
+    """Wraps a learner so that forward(batch) is its loss: DistributedDataParallel syncs on forward/backward."""
+
+    def __init__(self, model: nn.Module) -> None:
+        """Hold the learner as submodule `model`."""
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: Any) -> tuple[Tensor, dict[str, float]]:
+        """The learner's (loss, metrics) of a meta-batch."""
+        return self.model.loss(batch)
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or time-capped) run reports."""
+
+    run_dir: Path
+    step: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+    episodes_per_s: float = 0.0
+    checkpoint: Optional[Path] = None
+    ddp_max_param_divergence: float = 0.0
+    skipped_steps: int = 0
+    rank: int = 0
+
+
+def resolve_device(name: str, info: DistInfo) -> torch.device:
+    """auto -> CUDA when available (this rank's local GPU under torchrun), else CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"train.device={name!r} but CUDA is not available; use train.device=cpu")
+        if name == "cuda":
+            name = f"cuda:{info.local_rank}"
+        torch.cuda.set_device(torch.device(name))
+    elif name != "cpu":
+        raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    return torch.device(name)
+
+
+def autocast_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CPU or GPU, fp16 autocast on GPU, nothing for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError("train.precision=fp16 needs a CUDA device (GradScaler); use bf16 on CPU")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _grad_norm(params: list[nn.Parameter]) -> float:
+    """Global L2 norm of the gradients (inf/NaN propagate)."""
+    grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    return float(torch.stack(grads).norm()) if grads else 0.0
+
+
+def check_resume_config(saved: Config, cfg: Config, path: Path) -> None:
+    """Refuse to resume when keys that change the computation differ between checkpoint and config."""
+    diffs = config_differences(saved, cfg)
+    if diffs:
+        lines = "; ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, a, b in ((k, *v) for k, v in diffs.items()))
+        raise ckpt_io.CheckpointError(
+            f"cannot resume from {path}: the config does not match the one it was trained with ({lines}); "
+            "resume with the same config (only run-control keys such as train.steps may change) or start a new run "
+            "in another out_dir"
+        )
+
+
+class Trainer:
+    """Meta-trains the configured learner; `run()` trains to cfg.train.steps (or the time cap)."""
+
+    def __init__(self, cfg: Config, resume: bool = False, data_root: Optional[str] = None) -> None:
+        """Set up the process group, device, model, optimiser, schedule, scaler and (on resume) their state."""
+        self.cfg, self.resume, self.data_root = cfg, resume, data_root
+        t = cfg.train
+        device_type = "cuda" if (t.device.startswith("cuda") or (t.device == "auto" and torch.cuda.is_available())) else "cpu"
+        self.info = init_from_env(device_type)
+        self.device = resolve_device(t.device, info=self.info)
+        if t.num_threads is not None:
+            torch.set_num_threads(t.num_threads)
+        if t.meta_batch % self.info.world_size:
+            raise ConfigError(
+                f"train.meta_batch={t.meta_batch} (the global meta-batch) must be divisible by the number of "
+                f"processes ({self.info.world_size}); each rank draws meta_batch / world_size tasks"
+            )
+        if t.precision == "fp16" and self.device.type != "cuda":
+            raise ConfigError("train.precision=fp16 needs a CUDA device (GradScaler); use bf16 on CPU")
+        self.tasks_per_rank = t.meta_batch // self.info.world_size
+        self.run_dir = cfg.run_dir()
+        seed_everything(cfg.seed)
+        self.model = build_model(cfg).to(self.device)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, t.steps)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=t.precision == "fp16")
+        self.step = 0
+        self.skipped = 0
+        self.best_value: Optional[float] = None
+        if resume:
+            self._load_latest()
+        elif ckpt_io.list_checkpoints(self.run_dir):
+            raise ConfigError(
+                f"{self.run_dir} already holds checkpoints; pass --resume to continue that run, or set out_dir/name "
+                "to start a new one"
+            )
+        if self.info.enabled:
+            self.wrapped: nn.Module = torch.nn.parallel.DistributedDataParallel(
+                LossModule(self.model), device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True,
+            )
+        else:
+            self.wrapped = LossModule(self.model)
+        self.train_episodes = build_episodes(cfg, cfg.data.train_split, data_root)
+        self._val_episodes = None
+
+    # ------------------------------------------------------------------ checkpoints
+    def _load_latest(self) -> None:
+        """Restore weights, optimiser, schedule, scaler, RNG states and position from the newest checkpoint."""
+        if not ckpt_io.list_checkpoints(self.run_dir):
+            if self.info.is_main:
+                print(f"--resume: no checkpoint in {self.run_dir}; starting from step 0", flush=True)
+            return
+        ckpt = ckpt_io.read_checkpoint(self.run_dir)
+        check_resume_config(ckpt.config, self.cfg, ckpt.path)
+        ckpt_io.load_weights_into(self.model, ckpt, self.cfg.model.name)
+        state = ckpt.trainer_state or {}
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+        except (KeyError, ValueError) as exc:
+            raise ckpt_io.CheckpointError(f"trainer state in {ckpt.path} does not fit this run: {exc}") from None
+        rngs = state.get("rng_per_rank", [])
+        if len(rngs) == self.info.world_size:
+            set_rng_state(rngs[self.info.rank])
+        elif rngs:
+            # Another world size: episodes stay exact (they depend on the step only); model randomness reseeds.
+            seed_everything(self.cfg.seed + 1000003 * (ckpt.step + 1) + self.info.rank)
+        self.step = int(state.get("step", ckpt.step))
+        self.skipped = int(state.get("skipped", 0))
+        self.best_value = state.get("best_value")
+
+    def save(self, metrics: dict[str, float]) -> Optional[Path]:
+        """Write a checkpoint of the current step (main rank; every rank contributes its RNG state)."""
+        rngs = all_gather_objects(rng_state(), self.info)
+        if not self.info.is_main:
+            return None
+        state = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng_per_rank": rngs,
+            "step": self.step,
+            "episodes_seen": self.step * self.cfg.train.meta_batch,
+            "skipped": self.skipped,
+            "best_value": self.best_value,
+            "world_size": self.info.world_size,
+        }
+        return ckpt_io.save_checkpoint(
+            self.run_dir, step=self.step, model_state=self.model.state_dict(), trainer_state=state, config=self.cfg,
+            model_name=self.cfg.model.name, model_class=type(self.model).__name__,
+            metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)},
+            keep_last=self.cfg.train.keep_last,
+        )
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> dict[str, float]:
+        """Mean accuracy (or MSE) on the fixed validation episodes, without touching any RNG state."""
+        from training.evaluation import evaluate
+
+        if self._val_episodes is None:
+            self._val_episodes = build_episodes(self.cfg, self.cfg.data.val_split, self.data_root)
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            res = evaluate(self.model, self._val_episodes, self.cfg.train.val_episodes, self.cfg.eval.batch_tasks,
+                           self.device, name="val")
+        self.model.train()
+        return {f"val_{res.metric}": res.mean}
+
+    # ------------------------------------------------------------------ loop
+    def run(self) -> TrainResult:
+        """Train from the current step to cfg.train.steps; returns the final step, metrics and timings."""
+        try:
+            return self._run()
+        finally:
+            cleanup(self.info)
+
+    def _run(self) -> TrainResult:
+        from metaformer.data import EpisodeStream
+
+        cfg, t = self.cfg, self.cfg.train
+        main = self.info.is_main
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.run_dir / "config.yaml", dump_config(cfg))
+        logger = RunLogger(self.run_dir, t.tensorboard, self.step if self.resume else None) if main else None
+        stream = EpisodeStream(self.train_episodes, self.tasks_per_rank, num_batches=max(0, t.steps - self.step),
+                               start_batch=self.step, rank=self.info.rank, world_size=self.info.world_size)
+        # A private generator: DataLoader otherwise draws its base seed from the global RNG when iteration
+        # starts, which would shift the model's random stream between a fresh and a resumed run.
+        loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.data.num_workers,
+                                             generator=torch.Generator().manual_seed(cfg.seed))
+        bar = None
+        if main and t.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=t.steps, initial=self.step, desc=cfg.name, unit="step", dynamic_ncols=True)
+        self.model.train()
+        t_start = time.perf_counter()
+        t_window, steps_window = t_start, 0
+        steps_done, last_ckpt, consecutive_skips = 0, None, 0
+        metrics: dict[str, float] = {}
+        window: dict[str, list[float]] = {}
+        try:
+            for batch in loader:
+                batch = batch.to(self.device, non_blocking=True)
+                metrics, skipped = self._train_step(batch)
+                self.step += 1
+                steps_done += 1
+                steps_window += 1
+                if skipped:
+                    self.skipped += 1
+                    consecutive_skips += 1
+                    if consecutive_skips > t.max_skips:
+                        raise NonFiniteLossError(
+                            f"{consecutive_skips} consecutive non-finite steps (last: step {self.step}); more than "
+                            f"train.max_skips={t.max_skips}: lower optim.lr, enable optim.grad_clip or check the data"
+                        )
+                else:
+                    consecutive_skips = 0
+                    for k, v in metrics.items():
+                        window.setdefault(k, []).append(v)
+                if bar is not None:
+                    bar.update(1)
+                last = self.step >= t.steps
+                out_of_time = t.max_minutes is not None and any_rank(
+                    time.perf_counter() - t_start > 60.0 * t.max_minutes, self.info, self.device)
+                if self.step % t.log_every == 0 or last or out_of_time:
+                    now = time.perf_counter()
+                    eps = steps_window * t.meta_batch / max(now - t_window, 1e-9)
+                    row = {k: sum(v) / len(v) for k, v in window.items()}
+                    row.update(episodes=self.step * t.meta_batch, lr=self.scheduler.get_last_lr()[0], episodes_per_s=eps,
+                               skipped=self.skipped, wall_s=now - t_start, grad_norm=metrics.get("grad_norm", float("nan")))
+                    if logger is not None:
+                        logger.log(self.step, row)
+                    if bar is not None:
+                        bar.set_postfix({k: f"{row[k]:.3f}" for k in ("loss", "accuracy", "mse") if k in row}
+                                        | {"ep/s": f"{eps:.1f}"})
+                    metrics = row
+                    window, t_window, steps_window = {}, now, 0
+                do_val = t.val_every > 0 and (self.step % t.val_every == 0 or last)
+                val: dict[str, float] = {}
+                if do_val and main:
+                    val = self.validate()
+                    if logger is not None:
+                        logger.log(self.step, val | {"episodes": self.step * t.meta_batch})
+                if (t.ckpt_every and self.step % t.ckpt_every == 0) or last or out_of_time or do_val:
+                    last_ckpt = self.save({**metrics, **val}) or last_ckpt
+                    if main and val:
+                        key = next(iter(val))
+                        higher = key.endswith("accuracy")
+                        if ckpt_io.update_best(self.run_dir, self.step, key, val[key], higher):
+                            self.best_value = val[key]
+                if last or out_of_time:
+                    break
+        finally:
+            if bar is not None:
+                bar.close()
+            if logger is not None:
+                logger.close()
+        seconds = time.perf_counter() - t_start
+        result = TrainResult(
+            run_dir=self.run_dir, step=self.step, metrics=metrics, seconds=seconds,
+            episodes_per_s=steps_done * t.meta_batch / max(seconds, 1e-9), checkpoint=last_ckpt,
+            ddp_max_param_divergence=max_param_divergence(self.model, self.info), skipped_steps=self.skipped,
+            rank=self.info.rank,
+        )
+        if main:
+            summary = {
+                "step": result.step, "seconds": seconds, "episodes_per_s": result.episodes_per_s,
+                "world_size": self.info.world_size, "ddp_max_param_divergence": result.ddp_max_param_divergence,
+                "skipped_steps": self.skipped, "checkpoint": str(last_ckpt) if last_ckpt else None,
+                "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)},
+            }
+            atomic_write_text(self.run_dir / SUMMARY_FILE, json.dumps(summary, indent=2))
+        return result
+
+    def _uses_pseudo_gradient(self) -> bool:
+        """True for heads whose meta_backward writes .grad directly (Reptile) instead of differentiating a loss."""
+        try:
+            from metaformer.heads.base import FewShotHead
+        except ImportError:
+            return False
+        mb = getattr(type(self.model), "meta_backward", None)
+        return isinstance(self.model, FewShotHead) and mb is not FewShotHead.meta_backward
+
+    def _backward(self, batch: Any, scale: float) -> tuple[Tensor, dict[str, float]]:
+        """Forward + backward of one meta-batch with the loss scaled by `scale`; returns (detached loss, metrics)."""
+        model = self.model
+        if self._uses_pseudo_gradient():
+            loss, metrics = model.meta_backward(batch, scale=scale)
+            if self.info.enabled:
+                # DDP's hooks only see autograd-accumulated gradients; a pseudo-gradient is averaged by hand.
+                import torch.distributed as dist
+
+                for p in self.params:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    dist.all_reduce(p.grad)
+                    p.grad.div_(self.info.world_size)
+            return loss.detach().float(), metrics
+        if not self.info.enabled and hasattr(model, "meta_backward"):
+            # Heads backpropagate in chunks of tasks (peak memory of one chunk); same gradient as one backward.
+            loss, metrics = model.meta_backward(batch, scale=scale)
+            return loss.detach().float(), metrics
+        loss, metrics = self.wrapped(batch)
+        # A non-finite loss is still backpropagated so every DDP rank finishes the reduction it started.
+        (loss.float() * scale).backward()
+        return loss.detach().float(), metrics
+
+    def _train_step(self, batch: Any) -> tuple[dict[str, float], bool]:
+        """One outer step; returns (metrics, skipped). Raises NonFiniteLossError under nan_policy=stop."""
+        cfg = self.cfg
+        self.optimizer.zero_grad(set_to_none=True)
+        scale = float(self.scaler.get_scale()) if self.scaler.is_enabled() else 1.0
+        # Forward passes update buffers (BatchNorm statistics); a skipped step must not keep those updates.
+        buffers = [b for b in self.model.buffers() if b.is_floating_point()]
+        saved = [b.detach().clone() for b in buffers] if cfg.train.nan_policy == "skip" else None
+        with autocast_context(cfg.train.precision, self.device):
+            loss, metrics = self._backward(batch, scale)
+        loss_value = float(loss)
+        grad_norm = float("nan")
+        if math.isfinite(loss_value):
+            if self.scaler.is_enabled():
+                self.scaler.unscale_(self.optimizer)
+            if cfg.optim.grad_clip is not None:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.grad_clip))
+            else:
+                grad_norm = _grad_norm(self.params)
+        bad_buffers = [n for n, b in self.model.named_buffers() if b.is_floating_point() and not bool(torch.isfinite(b).all())]
+        bad_loss = any_rank(not math.isfinite(loss_value) or bool(bad_buffers), self.info, self.device)
+        # With fp16 the GradScaler skips overflowing steps itself and lowers the scale; that is not a failure.
+        bad_grad = not bad_loss and not self.scaler.is_enabled() and any_rank(not math.isfinite(grad_norm), self.info, self.device)
+        if bad_loss or bad_grad:
+            what = f"gradient norm {grad_norm}"
+            if bad_loss:
+                what = f"loss {loss_value}" if not bad_buffers else f"buffers {', '.join(bad_buffers[:3])} (loss {loss_value})"
+            if cfg.train.nan_policy == "stop":
+                raise NonFiniteLossError(
+                    f"non-finite {what} at step {self.step + 1} (episodes {self.step * cfg.train.meta_batch}.."
+                    f"{(self.step + 1) * cfg.train.meta_batch - 1}); the weights were not updated and no checkpoint "
+                    "was written for it. Lower optim.lr, enable optim.grad_clip, use precision fp32, or set "
+                    "train.nan_policy=skip to skip such steps"
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            if saved is not None:
+                with torch.no_grad():
+                    for b, old in zip(buffers, saved):
+                        b.copy_(old)
+            self.scheduler.step()
+            return {"loss": float("nan")}, True
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return {**{k: float(v) for k, v in metrics.items()}, "grad_norm": grad_norm}, False
+
+
+def train(cfg: Config, resume: bool = False, data_root: Optional[str] = None) -> TrainResult:
+    """Build a Trainer for cfg and run it."""
+    return Trainer(cfg, resume=resume, data_root=data_root).run()
