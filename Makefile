@@ -24,7 +24,7 @@ $(STAMP): $(PY) pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) scripts/bench_inner_update.py --quick
+	$(VENV)/bin/metaformer demo
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q

@@ -1,8 +1,10 @@
 """Other sources and precisions through the same trainer: sinusoid regression (MSE), Omniglot episodes from
-the real data, bf16 autocast on CPU, and the fp16-needs-CUDA error."""
+the real data, bf16 autocast on CPU, and fp16 with a GradScaler (on CPU here, the same code as on GPU)."""
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 from pathlib import Path
 
@@ -13,7 +15,7 @@ from training.checkpoint import read_checkpoint
 from training.config import ConfigError, load_config
 from training.eval_cli import evaluate_checkpoints
 from training.registry import build_episodes
-from training.trainer import train
+from training.trainer import Trainer, train
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "training" / "configs"
@@ -65,11 +67,29 @@ def test_bf16_autocast_on_cpu(tmp_path: Path) -> None:
     assert all(v.dtype == torch.float32 for v in weights.values() if v.is_floating_point())  # master weights stay fp32
 
 
-def test_fp16_uses_grad_scaler_on_gpu_and_is_refused_on_cpu(tmp_path: Path) -> None:
-    if torch.cuda.is_available():
-        out = tmp_path / "fp16"
-        res = train(load_config(TINY, [f"out_dir={out}", "train.precision=fp16", "train.device=cuda", "train.steps=4"]))
-        assert res.step == 4
-        assert read_checkpoint(out).trainer_state["scaler"]["scale"] > 0  # the GradScaler's state is checkpointed
-    with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
-        train(load_config(TINY, [f"out_dir={tmp_path / 'x'}", "train.precision=fp16", "train.device=cpu"]))
+def test_fp16_trains_with_a_grad_scaler_and_checkpoints_its_state(tmp_path: Path) -> None:
+    """fp16 autocast + GradScaler (the GPU recipe) runs on CPU, so its logic is tested without a GPU."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = tmp_path / "fp16"
+    with pytest.warns(UserWarning, match="fp16 on CPU") if device == "cpu" else contextlib.nullcontext():
+        res = train(load_config(TINY, [f"out_dir={out}", "train.precision=fp16", f"train.device={device}",
+                                       "train.steps=4", "model.name=protonet", "model.options={}"]))
+    assert res.step == 4 and math.isfinite(res.metrics["loss"])
+    ckpt = read_checkpoint(out)
+    assert ckpt.trainer_state["scaler"]["scale"] > 0  # the GradScaler's state is checkpointed
+    assert all(v.dtype == torch.float32 for v in ckpt.model_state.values() if v.is_floating_point())
+
+
+def test_fp16_overflow_is_skipped_by_the_scaler_not_reported_as_nan(tmp_path: Path) -> None:
+    """A scale so large that the fp16 gradients overflow: the scaler skips the step and backs off, no error."""
+    cfg = load_config(TINY, [f"out_dir={tmp_path / 'o'}", "train.precision=fp16", "train.device=cpu",
+                             "train.steps=3", "model.name=protonet", "model.options={}"])
+    with pytest.warns(UserWarning, match="fp16 on CPU"):
+        trainer = Trainer(cfg)
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**120)
+    before = [p.detach().clone() for p in trainer.params]
+    batch = trainer.train_episodes.batch(0, cfg.train.meta_batch)
+    metrics, skipped = trainer._train_step(batch)
+    assert not skipped and math.isfinite(metrics["loss"])
+    assert trainer.scaler.get_scale() == 2.0**119  # backed off once
+    assert all(torch.equal(a, p.detach()) for a, p in zip(before, trainer.params))  # the overflowing step was not applied

@@ -7,6 +7,7 @@ import contextlib
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -74,11 +75,9 @@ def resolve_device(name: str, info: DistInfo) -> torch.device:
 
 
 def autocast_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CPU or GPU, fp16 autocast on GPU, nothing for fp32."""
+    """bf16 or fp16 autocast on CPU or GPU (fp16 goes with a GradScaler), nothing for fp32."""
     if precision == "fp32":
         return contextlib.nullcontext()
-    if precision == "fp16" and device.type != "cuda":
-        raise ConfigError("train.precision=fp16 needs a CUDA device (GradScaler); use bf16 on CPU")
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
 
@@ -118,8 +117,10 @@ class Trainer:
                 f"train.meta_batch={t.meta_batch} (the global meta-batch) must be divisible by the number of "
                 f"processes ({self.info.world_size}); each rank draws meta_batch / world_size tasks"
             )
-        if t.precision == "fp16" and self.device.type != "cuda":
-            raise ConfigError("train.precision=fp16 needs a CUDA device (GradScaler); use bf16 on CPU")
+        if t.precision == "fp16" and self.device.type == "cpu" and self.info.rank == 0:
+            # allowed (the GradScaler runs on CPU too, which is how its logic is tested), but rarely useful
+            warnings.warn("train.precision=fp16 on CPU: fp16 kernels are slow on most CPUs; bf16 is the CPU choice",
+                          stacklevel=2)
         self.tasks_per_rank = t.meta_batch // self.info.world_size
         self.run_dir = cfg.run_dir()
         seed_everything(cfg.seed)
@@ -127,7 +128,7 @@ class Trainer:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, t.steps)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=t.precision == "fp16")
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.precision == "fp16")
         self.step = 0
         self.skipped = 0
         self.best_value: Optional[float] = None
@@ -356,7 +357,10 @@ class Trainer:
         """One outer step; returns (metrics, skipped). Raises NonFiniteLossError under nan_policy=stop."""
         cfg = self.cfg
         self.optimizer.zero_grad(set_to_none=True)
-        scale = float(self.scaler.get_scale()) if self.scaler.is_enabled() else 1.0
+        # The heads run their own (chunked) backward with the loss multiplied by `scale`; scaling a unit tensor
+        # through the scaler gives that factor and initialises the scaler's state as unscale_/step expect.
+        one = torch.ones((), device=self.device)
+        scale = float(self.scaler.scale(one)) if self.scaler.is_enabled() else 1.0
         # Forward passes update buffers (BatchNorm statistics); a skipped step must not keep those updates.
         buffers = [b for b in self.model.buffers() if b.is_floating_point()]
         saved = [b.detach().clone() for b in buffers] if cfg.train.nan_policy == "skip" else None
@@ -395,7 +399,10 @@ class Trainer:
             return {"loss": float("nan")}, True
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.scheduler.step()
+        with warnings.catch_warnings():
+            # a step the GradScaler skipped for overflow still advances the schedule, by design
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+            self.scheduler.step()
         return {**{k: float(v) for k, v in metrics.items()}, "grad_norm": grad_norm}, False
 
 
