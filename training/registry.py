@@ -85,7 +85,9 @@ def _omniglot_source(cfg: Config, split: str, data_root: Optional[str]) -> Any:
             parts = data.omniglot_alphabet_split(source, counts={"train": 20, "val": 5, "test": 5}, seed=split_seed)
             return parts[part]
     except (FileNotFoundError, ValueError, OSError) as exc:
-        raise ConfigError(f"cannot load Omniglot ({scheme} split, part {part!r}) from {root}: {exc}") from None
+        hint = ("; with the background zip only, use --set data.options.split_scheme=alphabets (split by alphabet)"
+                if scheme == "vinyals" and "images_evaluation" in str(exc) else "")
+        raise ConfigError(f"cannot load Omniglot ({scheme} split, part {part!r}) from {root}: {exc}{hint}") from None
     raise ConfigError(f"data.options.split_scheme must be one of {', '.join(OMNIGLOT_SCHEMES)}, got {scheme!r}")
 
 
