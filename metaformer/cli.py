@@ -1,4 +1,4 @@
-"""The `metaformer` command: train, eval and demo subcommands."""
+"""The `metaformer` command: train, eval, demo and predict subcommands."""
 
 from __future__ import annotations
 
@@ -37,6 +37,16 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--episodes", type=int, default=None, help="test episodes (default 600; 40 with --quick)")
     d.add_argument("--set", action="extend", nargs="+", metavar="KEY=VALUE", default=[], help="override demo config keys")
     d.add_argument("--no-progress", action="store_true")
+
+    r = sub.add_parser("predict", help="few-shot predictions from a checkpoint, a labelled support set and queries")
+    r.add_argument("--checkpoint", required=True, help="folder written by scripts/finetune_encoder.py / FewShotModel.save_pretrained")
+    r.add_argument("--support", required=True, help="folder with one subfolder per class, or a CSV/JSONL of text and label")
+    r.add_argument("--query", required=True, help="folder or file of unlabelled examples (images, .txt, .csv, .jsonl)")
+    r.add_argument("--out", default=None, help="output file (.csv or .json); default: CSV on stdout")
+    r.add_argument("--format", choices=("csv", "json"), default=None, help="output format (default: from --out's extension)")
+    r.add_argument("--device", default="cpu")
+    r.add_argument("--batch-size", type=int, default=64, help="examples per encoder forward pass")
+    r.add_argument("--inner-steps", type=int, default=None, help="MAML checkpoints: inner steps on the support set")
     return p
 
 
@@ -70,6 +80,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             run_demo(args.out, args.budget_seconds, args.quick, args.episodes, args.set, progress=not args.no_progress)
             return 0
+        if args.command == "predict":
+            from metaformer.predict_cli import InputError, run_predict
+
+            try:
+                return run_predict(args)
+            except (InputError, ValueError, OSError) as exc:
+                print(f"metaformer predict: error: {exc}", file=sys.stderr)
+                return 2
     except NonFiniteLossError as exc:
         print(f"metaformer {args.command}: training stopped: {exc}", file=sys.stderr)
         return 3

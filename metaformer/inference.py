@@ -1,0 +1,432 @@
+"""Few-shot inference: an encoder plus a head in one saved folder, and a scikit-learn style predictor.
+
+:class:`FewShotModel` is ``encoder -> head``: the encoder (an :class:`~metaformer.models.HFEncoder`)
+embeds raw items (strings or image tensors) and the head works on those features: the in-context
+Meta-Transformer, ProtoNet or MAML (their backbone is the identity or a small MLP over the features).
+Keeping the head on features lets a frozen encoder's embeddings be computed once per data set.
+
+:class:`FewShotPredictor` wraps a saved model: ``fit(support_items, labels)`` stores the embedded
+support set (and adapts ProtoNet / MAML), ``predict_proba(items)`` gives one column per class (in
+``classes_`` order), ``predict(items)`` the most probable class. Classes may have different numbers of
+shots. More classes than the head's ``max_way`` are handled by the *hierarchical tournament*:
+
+1. the C classes are split, in ``classes_`` order, into ceil(C / max_way) chunks of nearly equal size;
+2. each chunk is one episode: the model gives ``P(c | chunk)`` for every query;
+3. per query, each chunk's most probable class represents it in a second episode over the chunk
+   representatives (chunked again the same way when there are more than max_way chunks), whose
+   probabilities are ``P(chunk)``;
+4. ``P(c) = P(chunk of c) * P(c | chunk of c)``, which sums to one over the C classes.
+
+``on_too_many_ways="error"`` raises instead.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from metaformer.data.episodes import EpisodeBatch
+from metaformer.models.backbones import MLP
+from metaformer.models.hf_encoder import FeatureIdentity, HFEncoder
+from metaformer.models.meta_transformer import MetaTransformer, MetaTransformerConfig
+
+__all__ = [
+    "FewShotModel", "FewShotPredictor", "HEAD_TYPES", "featurize_batch", "embed_items", "load_image_files",
+    "feature_source", "evaluate_features", "episode_logits", "build_feature_head",
+]
+
+HEAD_TYPES = ("meta_transformer", "protonet", "maml")
+MODEL_FILE = "fewshot.json"
+WEIGHTS_FILE = "model.safetensors"
+ENCODER_DIR = "encoder"
+FORMAT = "metaformer-fewshot/1"
+
+
+def _feature_net(dim: int, feature_net: str, hidden: int, layers: int) -> nn.Module:
+    """The head's backbone over encoder features: identity or a small MLP."""
+    if feature_net == "identity":
+        return FeatureIdentity(dim)
+    if feature_net == "mlp":
+        return MLP(in_dim=dim, hidden=hidden, num_layers=layers)
+    raise ValueError(f"feature_net must be 'identity' or 'mlp', got {feature_net!r}")
+
+
+def build_feature_head(name: str, dim: int, options: dict[str, Any]) -> nn.Module:
+    """A head over ``dim``-d features: "meta_transformer" (MetaTransformerConfig fields), "protonet" or "maml"."""
+    opts = dict(options)
+    if name == "meta_transformer":
+        try:
+            cfg = MetaTransformerConfig(**{**opts, "backbone": "features"})
+        except TypeError as exc:
+            raise ValueError(f"meta_transformer head options must be MetaTransformerConfig fields: {exc}") from None
+        return MetaTransformer(cfg, backbone=FeatureIdentity(dim))
+    from metaformer.heads import build_head
+
+    feature_net = opts.pop("feature_net", "identity" if name == "protonet" else "mlp")
+    hidden = int(opts.pop("hidden", 256))
+    layers = int(opts.pop("layers", 1))
+    backbone = _feature_net(dim, feature_net, hidden, layers)
+    if name not in ("protonet", "maml"):
+        raise ValueError(f"unknown head {name!r}; choose one of {HEAD_TYPES}")
+    return build_head(name, backbone, **opts)
+
+
+def embed_items(encoder: nn.Module, items: Any, batch_size: int = 64) -> Tensor:
+    """Encoder features of a flat list of strings or an image tensor [N, C, H, W], in batches -> [N, D]."""
+    n = len(items) if isinstance(items, (list, tuple)) else int(items.shape[0])
+    if n == 0:
+        raise ValueError("no items to embed")
+    out = []
+    for start in range(0, n, batch_size):
+        out.append(encoder(items[start:start + batch_size]))
+    return torch.cat(out)
+
+
+def featurize_batch(encoder: nn.Module, batch: EpisodeBatch) -> EpisodeBatch:
+    """The same EpisodeBatch with support/query items replaced by encoder features [T, S, D] / [T, Q, D].
+
+    The real items of all tasks go through the encoder in one call (padding never does), and the
+    features keep their autograd graph, so a head's loss trains a non-frozen encoder.
+    """
+    def flat(x: Any, mask: Tensor) -> Any:
+        """The real (unpadded) items of a [T, N, ...] tensor or T lists, task by task."""
+        if isinstance(x, Tensor):
+            return x[mask]
+        return [item for items, m in zip(x, mask.tolist()) for item, keep in zip(items, m) if keep]
+
+    s_items, q_items = flat(batch.support_x, batch.support_mask), flat(batch.query_x, batch.query_mask)
+    n_s = int(batch.support_mask.sum())
+    feats = encoder(torch.cat([s_items, q_items]) if isinstance(s_items, Tensor) else list(s_items) + list(q_items))
+    t, s = batch.support_mask.shape
+    q = batch.query_mask.shape[1]
+    d = feats.shape[-1]
+    sx = feats.new_zeros(t, s, d).index_put(batch.support_mask.nonzero(as_tuple=True), feats[:n_s])
+    qx = feats.new_zeros(t, q, d).index_put(batch.query_mask.nonzero(as_tuple=True), feats[n_s:])
+    return EpisodeBatch(sx, batch.support_y, batch.support_mask, qx, batch.query_y, batch.query_mask,
+                        batch.n_way, batch.class_names)
+
+
+def episode_logits(head: nn.Module, batch: EpisodeBatch) -> Tensor:
+    """Logits [T, Q, N] of a feature EpisodeBatch for any feature head (Meta-Transformer or FewShotHead)."""
+    if isinstance(head, MetaTransformer):
+        return head(batch)
+    predictor = head.adapt_batch(batch.support_x, batch.support_y, batch.support_mask, batch.n_way)
+    return predictor(batch.query_x, batch.query_mask)
+
+
+class FewShotModel(nn.Module):
+    """``encoder -> head``: raw items to few-shot logits; ``save_pretrained`` / ``from_pretrained`` one folder."""
+
+    def __init__(self, encoder: HFEncoder, head: str = "meta_transformer", head_options: Optional[dict[str, Any]] = None) -> None:
+        """``head`` is one of HEAD_TYPES; ``head_options`` its settings (e.g. max_way, inner_steps, feature_net)."""
+        super().__init__()
+        if head not in HEAD_TYPES:
+            raise ValueError(f"head must be one of {HEAD_TYPES}, got {head!r}")
+        self.encoder = encoder
+        self.head_name = head
+        self.head_options = json.loads(json.dumps(head_options or {}))
+        self.head = build_feature_head(head, encoder.out_dim, self.head_options)
+
+    @property
+    def modality(self) -> str:
+        """'text' or 'image': what the encoder reads."""
+        return self.encoder.modality
+
+    @property
+    def max_way(self) -> Optional[int]:
+        """Most classes one episode may have (None: unlimited, ProtoNet)."""
+        if isinstance(self.head, MetaTransformer):
+            return self.head.config.max_way
+        if self.head_name == "protonet":
+            return None
+        return self.head.n_out
+
+    def loss(self, batch: EpisodeBatch) -> tuple[Tensor, dict[str, float]]:
+        """Meta-training loss of a raw-item EpisodeBatch (features computed here, gradients reach the encoder)."""
+        return self.head.loss(featurize_batch(self.encoder, batch))
+
+    def forward(self, batch: EpisodeBatch) -> tuple[Tensor, dict[str, float]]:  # type: ignore[override]
+        """Same as loss(batch)."""
+        return self.loss(batch)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write ``fewshot.json``, ``encoder/`` (config, tokenizer/processor) and ``model.safetensors``."""
+        from safetensors.torch import save_model
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.encoder.save_pretrained(directory / ENCODER_DIR)
+        meta = {"format": FORMAT, "head": self.head_name, "head_options": self.head_options,
+                "modality": self.modality, "out_dim": self.encoder.out_dim}
+        # save_model deduplicates tied tensors, which save_file refuses.
+        save_model(self, str(directory / WEIGHTS_FILE), metadata={"format": FORMAT})
+        (directory / MODEL_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> "FewShotModel":
+        """Load a folder written by ``save_pretrained``; clear errors for missing or foreign files."""
+        from safetensors.torch import load_model
+
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise FileNotFoundError(f"checkpoint folder {directory} does not exist; pass the folder written by "
+                                    "FewShotModel.save_pretrained or scripts/finetune_encoder.py")
+        meta_file, weights = directory / MODEL_FILE, directory / WEIGHTS_FILE
+        for p in (meta_file, weights, directory / ENCODER_DIR):
+            if not p.exists():
+                raise FileNotFoundError(f"{p} not found; {directory} is not a few-shot checkpoint "
+                                        "(written by FewShotModel.save_pretrained / scripts/finetune_encoder.py)")
+        try:
+            meta = json.loads(meta_file.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{meta_file} is not valid JSON ({exc})") from None
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{meta_file} has format {meta.get('format')!r}; this version reads {FORMAT!r}")
+        encoder = HFEncoder.from_saved_config(directory / ENCODER_DIR)
+        model = cls(encoder, meta["head"], meta.get("head_options", {}))
+        missing, unexpected = load_model(model, str(weights), strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{weights} does not match the architecture in {meta_file}: "
+                             f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+        return model.to(map_location).eval()
+
+
+def load_image_files(paths: Sequence[str | Path], num_channels: int, image_size: Optional[tuple[int, int]] = None) -> Tensor:
+    """Decode image files to a float tensor [N, C, H, W] in [0, 1] (a clear error names an unreadable file)."""
+    from metaformer.data.images import decode_image
+
+    mode = "L" if num_channels == 1 else "RGB"
+    arrays = [decode_image(p, str(p), mode, image_size) for p in paths]
+    return torch.from_numpy(np.stack(arrays)).float().div_(255.0)
+
+
+class FewShotPredictor:
+    """scikit-learn style few-shot classifier over a saved FewShotModel: fit / predict / predict_proba."""
+
+    def __init__(self, model: FewShotModel, device: str | torch.device = "cpu", batch_size: int = 64,
+                 inner_steps: Optional[int] = None, on_too_many_ways: str = "chunk") -> None:
+        """``inner_steps`` overrides MAML's test-time steps; ``on_too_many_ways``: "chunk" (tournament) or "error"."""
+        if on_too_many_ways not in ("chunk", "error"):
+            raise ValueError(f"on_too_many_ways must be 'chunk' or 'error', got {on_too_many_ways!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.batch_size = int(batch_size)
+        self.on_too_many_ways = on_too_many_ways
+        if inner_steps is not None:
+            if model.head_name != "maml":
+                raise ValueError(f"inner_steps applies to MAML heads only; this model's head is {model.head_name!r}")
+            if inner_steps < 0:
+                raise ValueError(f"inner_steps must be >= 0, got {inner_steps}")
+            model.head.eval_inner_steps = int(inner_steps)
+        self.classes_: Optional[list[Any]] = None
+        self._support: Optional[tuple[Tensor, Tensor]] = None
+        self._adapted: dict[tuple[int, ...], Any] = {}
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu", **kw: Any) -> "FewShotPredictor":
+        """Load a checkpoint folder written by FewShotModel.save_pretrained (or scripts/finetune_encoder.py)."""
+        return cls(FewShotModel.from_pretrained(directory, map_location="cpu"), device=device, **kw)
+
+    # ------------------------------------------------------------------ items
+    @property
+    def modality(self) -> str:
+        """'text' or 'image'."""
+        return self.model.modality
+
+    def _as_inputs(self, items: Any, what: str) -> Any:
+        """Check the modality and turn items into encoder inputs (list of str, or image tensor [N, C, H, W])."""
+        if isinstance(items, np.ndarray):
+            items = torch.from_numpy(items)
+        is_images = isinstance(items, Tensor) or (
+            isinstance(items, (list, tuple)) and len(items) > 0 and all(isinstance(v, Path) for v in items))
+        is_text = isinstance(items, (list, tuple)) and all(isinstance(v, str) for v in items)
+        if not (is_images or is_text):
+            raise ValueError(f"{what} must be a list of strings (text) or images (a [N, C, H, W] tensor in [0, 1] or "
+                             f"a list of pathlib.Path image files), got {type(items).__name__}")
+        if len(items) == 0:
+            raise ValueError(f"{what} is empty; pass at least one item")
+        if is_images and self.modality == "text":
+            raise ValueError(f"{what} are images, but this model's encoder reads text; pass a list of strings")
+        if is_text and self.modality == "image":
+            raise ValueError(f"{what} are text, but this model's encoder reads images; pass image files or a tensor")
+        if is_images and not isinstance(items, Tensor):
+            enc = self.model.encoder
+            items = load_image_files(items, enc.num_channels, enc.image_size)
+        if isinstance(items, Tensor) and items.dim() != 4:
+            raise ValueError(f"{what}: image tensor must be [N, C, H, W], got {tuple(items.shape)}")
+        return list(items) if is_text else items
+
+    def embed(self, items: Any) -> Tensor:
+        """Encoder features [N, D] of raw items, computed in batches of ``batch_size``."""
+        return self._embed_inputs(self._as_inputs(items, "items"))
+
+    @torch.no_grad()
+    def _embed_inputs(self, x: Any) -> Tensor:
+        """Features of inputs already checked by ``_as_inputs``."""
+        if isinstance(x, Tensor):
+            x = x.to(self.device)
+        return embed_items(self.model.encoder, x, self.batch_size)
+
+    # ------------------------------------------------------------------ fit / predict
+    def fit(self, support_items: Any, labels: Sequence[Any]) -> "FewShotPredictor":
+        """Store the embedded support set; classes are the sorted distinct labels (any number of shots each)."""
+        x = self._as_inputs(support_items, "support items")
+        labels = list(labels.tolist() if isinstance(labels, (np.ndarray, Tensor)) else labels)
+        if len(labels) != len(x):
+            raise ValueError(f"got {len(x)} support items but {len(labels)} labels; pass one label per item")
+        try:
+            classes = sorted(set(labels))
+        except TypeError:
+            raise ValueError("labels must be all of one sortable type (e.g. all strings or all ints)") from None
+        if len(classes) < 2:
+            raise ValueError(f"the support set has {len(classes)} class; few-shot classification needs at least 2")
+        max_way = self.model.max_way
+        if max_way is not None and len(classes) > max_way and self.on_too_many_ways == "error":
+            raise ValueError(f"{len(classes)} classes but the model handles at most {max_way} per episode; "
+                             "use on_too_many_ways='chunk' (hierarchical tournament) or fewer classes")
+        index = {c: i for i, c in enumerate(classes)}
+        y = torch.tensor([index[v] for v in labels], dtype=torch.int64, device=self.device)
+        feats = self._embed_inputs(x)
+        self.classes_ = classes
+        self._support = (feats, y)
+        self._adapted = {}
+        return self
+
+    def _check_fitted(self) -> tuple[Tensor, Tensor]:
+        """The support features and labels, or a clear error before fit."""
+        if self._support is None:
+            raise RuntimeError("call fit(support_items, labels) before predict / predict_proba")
+        return self._support
+
+    @torch.no_grad()
+    def predict_proba(self, items: Any) -> np.ndarray:
+        """Class probabilities [N, C] (columns in ``classes_`` order) for raw items."""
+        self._check_fitted()
+        q = self._embed_inputs(self._as_inputs(items, "query items"))
+        probs = [self._proba(list(range(len(self.classes_))), q[i:i + self.batch_size])
+                 for i in range(0, q.shape[0], self.batch_size)]
+        return torch.cat(probs).float().cpu().numpy()
+
+    def predict(self, items: Any) -> list[Any]:
+        """The most probable class of each item (values from ``classes_``)."""
+        p = self.predict_proba(items)
+        return [self.classes_[int(i)] for i in p.argmax(axis=1)]
+
+    # ------------------------------------------------------------------ episodes
+    def _proba(self, classes: list[int], q: Tensor) -> Tensor:
+        """P(class | query) over ``classes`` (indices into classes_) -> [Q, len(classes)], by tournament if needed."""
+        m = self.model.max_way
+        if m is None or len(classes) <= m:
+            return self._episode_proba(tuple(classes), q)
+        n_chunks = math.ceil(len(classes) / m)
+        chunks = [list(c) for c in np.array_split(np.array(classes), n_chunks)]
+        within = [self._episode_proba(tuple(int(v) for v in c), q) for c in chunks]  # P(c | chunk)
+        reps = torch.stack([torch.tensor(c, device=q.device)[w.argmax(dim=1)] for c, w in zip(chunks, within)], dim=1)
+        p_chunk = q.new_zeros(q.shape[0], n_chunks)
+        # Queries whose chunk representatives coincide share one second-round episode.
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, row in enumerate(reps.tolist()):
+            groups.setdefault(tuple(row), []).append(i)
+        for rep, rows in groups.items():
+            idx = torch.tensor(rows, device=q.device)
+            p_chunk[idx] = self._proba(list(rep), q[idx])
+        return torch.cat([p_chunk[:, j:j + 1] * w for j, w in enumerate(within)], dim=1)
+
+    def _episode_proba(self, classes: tuple[int, ...], q: Tensor) -> Tensor:
+        """Softmax over one episode whose ways are ``classes`` (<= max_way) -> [Q, len(classes)]."""
+        feats, y = self._check_fitted()
+        keep = torch.isin(y, torch.tensor(classes, device=y.device))
+        remap = torch.full((len(self.classes_),), -1, dtype=torch.int64, device=y.device)
+        remap[torch.tensor(classes, device=y.device)] = torch.arange(len(classes), device=y.device)
+        s_x, s_y = feats[keep], remap[y[keep]]
+        n = len(classes)
+        head = self.model.head
+        if isinstance(head, MetaTransformer):
+            batch = EpisodeBatch(
+                s_x[None], s_y[None], torch.ones(1, s_x.shape[0], dtype=torch.bool, device=q.device),
+                q[None], torch.full((1, q.shape[0]), -1, dtype=torch.int64, device=q.device),
+                torch.ones(1, q.shape[0], dtype=torch.bool, device=q.device),
+                torch.tensor([n], device=q.device), [[str(c) for c in classes]])
+            logits = head(batch)[0, :, :n]
+        else:
+            if classes not in self._adapted:
+                self._adapted[classes] = self._adapt(s_x, s_y, n)
+            logits = self._adapted[classes](q)[:, :n]
+        return F.softmax(logits.float(), dim=-1)
+
+    def _adapt(self, s_x: Tensor, s_y: Tensor, n: int) -> Any:
+        """Adapt ProtoNet / MAML to one support set -> callable query features [Q, D] -> logits [Q, >= n]."""
+        head = self.model.head
+        if self.model.head_name == "protonet":
+            from metaformer.heads import ProtoNet
+
+            # ProtoNet has no per-way parameters: a view with n outputs over the same backbone serves any n.
+            return ProtoNet(head.backbone, n_way=n).eval().adapt(s_x, s_y, n_way=n)
+        return head.adapt(s_x, s_y, n_way=n)
+
+
+@torch.no_grad()
+def feature_source(encoder: nn.Module, source: Any, max_per_class: Optional[int] = None, seed: int = 0,
+                   batch_size: int = 64) -> Any:
+    """Embed every item of a class source once -> TensorClassSource of features (the frozen-encoder cache).
+
+    ``max_per_class`` keeps a seeded random subset of each class's items (all items when None).
+    """
+    from metaformer.data.sampler import draw_distinct
+    from metaformer.data.source import TensorClassSource
+
+    was_training = encoder.training
+    encoder.eval()
+    gen = torch.Generator().manual_seed(seed)
+    feats, labels = [], []
+    try:
+        for c in range(source.num_classes):
+            size = int(source.sizes_of(torch.tensor([c]))[0])
+            if max_per_class is None and size > 1_000_000:
+                raise ValueError(f"{getattr(source, 'name', type(source).__name__)} has {size} items per class; "
+                                 "pass max_per_class to embed a subset")
+            if max_per_class is not None and size > max_per_class:
+                # draw_distinct does not materialise a permutation of procedural classes' 2**31 items.
+                idx = draw_distinct(gen, size, max_per_class).sort().values
+            else:
+                idx = torch.arange(size)
+            items = source.get_items(torch.tensor([c]), idx[None])
+            items = items[0] if isinstance(items, list) else items[0]
+            feats.append(embed_items(encoder, items, batch_size).float().cpu())
+            labels.append(torch.full((len(idx),), c, dtype=torch.int64))
+    finally:
+        encoder.train(was_training)
+    return TensorClassSource(torch.cat(feats), torch.cat(labels), [source.class_name(c) for c in range(source.num_classes)],
+                             name=f"features of {getattr(source, 'name', type(source).__name__)}")
+
+
+@torch.no_grad()
+def evaluate_features(head: nn.Module, source: Any, n_way: int, k_shot: int, q_query: int, episodes: int,
+                      seed: int, tasks_per_batch: int = 50) -> dict[str, float]:
+    """Accuracy of a feature head on fixed episodes of a feature source: mean, 95% CI half-width, episodes."""
+    from metaformer.data.sampler import EpisodeSampler
+
+    was_training = head.training
+    head.eval()
+    sampler = EpisodeSampler(source, n_way, k_shot, q_query, seed=seed)
+    accs = []
+    try:
+        for start in range(0, episodes, tasks_per_batch):
+            batch = sampler.batch(start, min(tasks_per_batch, episodes - start))
+            logits = episode_logits(head, batch)
+            correct = ((logits.argmax(dim=-1) == batch.query_y) & batch.query_mask).sum(dim=1)
+            accs.append(correct.float() / batch.query_mask.sum(dim=1))
+    finally:
+        head.train(was_training)
+    a = torch.cat(accs).double()
+    ci = 1.96 * float(a.std(unbiased=True)) / math.sqrt(len(a)) if len(a) > 1 else float("nan")
+    return {"accuracy": float(a.mean()), "ci95": ci, "episodes": int(len(a))}
