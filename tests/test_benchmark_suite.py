@@ -87,8 +87,9 @@ def test_suite_report_holds_the_measured_rows(tmp_path: Path) -> None:
         assert r["peak_rss_mib"] > 0
         # the table row of this cell, in its setting's section, from the measured values
         section = md.split(f"## {r['setting']}\n", 1)[1].split("\n## ", 1)[0]
-        assert (f"| {r['label']} | {100 * mean:.2f} ± {100 * ci:.2f} | 6 | {r['train_seconds']:.0f} | 2 | "
-                f"{r['train_tasks_per_s']:.1f} | {r['queries_per_s']:.0f} |") in section
+        assert r["ece"] is not None and 0.0 <= r["ece"] <= 1.0  # classification cells carry their calibration
+        assert (f"| {r['label']} | {100 * mean:.2f} ± {100 * ci:.2f} | {100 * r['ece']:.2f} | 6 | "
+                f"{r['train_seconds']:.0f} | 2 | {r['train_tasks_per_s']:.1f} | {r['queries_per_s']:.0f} |") in section
         # the per-episode scores are those of the trained weights on the fixed test episodes
         model, _ = load_model(tmp_path / "work" / r["setting"] / r["method"])
         cfg = b.config_from_dict(next(c["config"] for c in data["cells"]
@@ -127,7 +128,8 @@ def test_suite_report_holds_the_measured_rows(tmp_path: Path) -> None:
     section = gpu_md.split("## GPU\n", 1)[1].split("\n## ", 1)[0]
     assert "Test GPU" in section and "No GPU was available" not in section
     first = results[0]
-    assert f"| {first['label']} | {_score(first)} | 6 |" in section.split("### glyph-3w1s on the GPU", 1)[1]
+    assert f"| {first['label']} | {_score(first)} | {100 * first['ece']:.2f} | 6 |" in section.split(
+        "### glyph-3w1s on the GPU", 1)[1]
     assert "| conv-4 | cuda | 32 | 1,000 | fused op | 50.0 | 1.0 | 4.00x |" in section
     with pytest.raises(SystemExit, match="not a GPU"):
         b.load_gpu_run(paths["json"])
@@ -156,8 +158,12 @@ def test_every_quick_and_full_cell_has_a_valid_config(tmp_path: Path) -> None:
         specs = b.make_specs(suite, list(b.METHODS), list(suite.settings), tmp_path, threads=1)
         sinusoid = [s for s in specs if s.setting["source"] == "sinusoid"]
         assert {s.method for s in sinusoid} == set(b.METHODS) - b.CLASSIFICATION_ONLY
-        assert len(specs) == len(suite.settings) * len(b.METHODS) - 2 * sum(
-            s.source == "sinusoid" for s in suite.settings)
+        glyph = [s for s in specs if s.setting["source"] == "glyph"]
+        assert {s.method for s in glyph} == set(b.METHODS) - b.FINITE_CLASSES_ONLY
+        assert len(specs) == len(suite.settings) * len(b.METHODS) - sum(
+            len(b.CLASSIFICATION_ONLY) * (s.source == "sinusoid") + len(b.FINITE_CLASSES_ONLY) * (s.source == "glyph")
+            for s in suite.settings)
+        assert {"probmaml", "baseline", "baselinepp"} <= {s.method for s in specs}
         for s in specs:
             cfg = b.config_from_dict(s.config)
             assert cfg.data.k_shot == s.setting["k_shot"] and cfg.model.name == s.method

@@ -18,6 +18,9 @@ HEAD_OPTIONS = {
     "lstm": dict(inner_steps=2, inner_lr=0.3, hidden=8),
     "protonet": dict(),
     "matchingnet": dict(fce=True, fce_steps=2, scale=5.0),
+    "baseline": dict(num_classes=64),
+    "baselinepp": dict(num_classes=64),
+    "probmaml": dict(inner_steps=1, inner_lr=0.4),
 }
 
 

@@ -1,5 +1,5 @@
 """Evaluation on a fixed set of episodes: per-episode accuracy (or MSE), mean and 95% confidence interval,
-JSON and markdown reports, several checkpoints compared in one table."""
+expected calibration error of classifiers, JSON and markdown reports, several checkpoints compared in one table."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 # Two-sided 95% normal quantile; with 600-1000 episodes the t quantile differs only in the 4th digit.
 Z95 = 1.959963984540054
+ECE_BINS = 15
 
 
 @dataclass
@@ -31,6 +32,7 @@ class EvalResult:
     checkpoint: Optional[str] = None
     seconds: float = 0.0
     per_episode: list[float] = field(default_factory=list)
+    ece: Optional[float] = None  # expected calibration error over all queries (classification only)
 
     def to_dict(self, with_episodes: bool = False) -> dict:
         """Plain dict for JSON (per-episode values only when asked)."""
@@ -64,6 +66,51 @@ def predict(model: nn.Module, batch: Any) -> Tensor:
         return model(batch).detach()
 
 
+def calibration_bins(scores: Tensor, labels: Tensor, mask: Optional[Tensor] = None, n_bins: int = ECE_BINS,
+                     from_logits: bool = True) -> Tensor:
+    """Per-bin [count, sum of confidences, sum of correct] -> [n_bins, 3] (float64) over the real predictions.
+
+    ``scores`` [..., n_classes] are logits (softmax is applied) or probabilities (``from_logits=False``);
+    ``labels`` [...] int; ``mask`` [...] bool marks the real (unpadded) entries. Bin b holds the confidences in
+    (b / n_bins, (b + 1) / n_bins]. Summing the tables of several batches pools them for one ECE.
+    """
+    if not isinstance(n_bins, int) or isinstance(n_bins, bool) or n_bins < 1:
+        raise ValueError(f"n_bins must be an int >= 1, got {n_bins!r}")
+    if scores.dim() < 1 or scores.shape[:-1] != labels.shape:
+        raise ValueError(f"scores [..., n_classes] and labels [...] disagree: {tuple(scores.shape)} vs {tuple(labels.shape)}")
+    if mask is not None and mask.shape != labels.shape:
+        raise ValueError(f"mask has shape {tuple(mask.shape)}, expected the labels' {tuple(labels.shape)}")
+    # float64: float32 rounding would push confidences near a bin edge into the neighbouring bin
+    probs = torch.softmax(scores.double(), dim=-1) if from_logits else scores.double()
+    conf, pred = probs.max(dim=-1)
+    correct = (pred == labels.to(pred.device)).double()
+    keep = mask.to(conf.device).reshape(-1) if mask is not None else torch.ones(conf.numel(), dtype=torch.bool, device=conf.device)
+    conf, correct = conf.reshape(-1)[keep], correct.reshape(-1)[keep]
+    edges = torch.linspace(0.0, 1.0, n_bins + 1, dtype=torch.float64, device=conf.device)
+    # right=False: x in (edges[b], edges[b + 1]] goes to bin b (the usual convention of Guo et al. 2017)
+    index = torch.bucketize(conf, edges[1:-1], right=False)
+    table = torch.zeros(n_bins, 3, dtype=torch.float64, device=conf.device)
+    table[:, 0].index_add_(0, index, torch.ones_like(conf))
+    table[:, 1].index_add_(0, index, conf)
+    table[:, 2].index_add_(0, index, correct)
+    return table.cpu()
+
+
+def ece_from_bins(table: Tensor) -> float:
+    """ECE = sum over bins of |accuracy - confidence| * fraction of predictions in the bin (0 for no predictions)."""
+    total = float(table[:, 0].sum())
+    if total == 0:
+        return 0.0
+    # |acc_b - conf_b| * n_b / N = |sum correct - sum conf| / N
+    return float((table[:, 2] - table[:, 1]).abs().sum()) / total
+
+
+def expected_calibration_error(scores: Tensor, labels: Tensor, n_bins: int = ECE_BINS, *, mask: Optional[Tensor] = None,
+                               from_logits: bool = True) -> float:
+    """Expected calibration error of predictions ``scores`` [..., n_classes] (logits, or probabilities) for ``labels``."""
+    return ece_from_bins(calibration_bins(scores, labels, mask, n_bins, from_logits))
+
+
 def episode_scores(out: Tensor, batch: Any) -> list[float]:
     """Per-task accuracy (classification) or MSE (regression) over the real (unpadded) queries."""
     mask = batch.query_mask
@@ -93,6 +140,7 @@ def evaluate(
     t0 = time.perf_counter()
     scores: list[float] = []
     regression = None
+    bins = torch.zeros(ECE_BINS, 3, dtype=torch.float64)
     starts = range(0, num_episodes, batch_tasks)
     if progress:
         from tqdm import tqdm
@@ -101,21 +149,29 @@ def evaluate(
     for start in starts:
         batch = episodes.batch(start, min(batch_tasks, num_episodes - start)).to(device)
         regression = batch.is_regression
-        scores.extend(episode_scores(predict(model, batch), batch))
+        out = predict(model, batch)
+        scores.extend(episode_scores(out, batch))
+        if not regression:
+            bins += calibration_bins(out, batch.query_y.to(out.device), batch.query_mask)
     mean, ci, std = mean_ci95(scores)
     return EvalResult(name=name, metric="mse" if regression else "accuracy", mean=mean, ci95=ci, std=std,
-                      episodes=len(scores), seconds=time.perf_counter() - t0, per_episode=scores)
+                      episodes=len(scores), seconds=time.perf_counter() - t0, per_episode=scores,
+                      ece=None if regression else ece_from_bins(bins))
 
 
 def markdown_table(results: Sequence[EvalResult]) -> str:
-    """One comparison table: method, metric (% for accuracy), 95% CI, episodes, step, checkpoint."""
-    lines = ["| method | metric | mean | 95% CI | episodes | step | checkpoint |", "|---|---|---|---|---|---|---|"]
+    """One comparison table: method, metric (% for accuracy), 95% CI, episodes, step, checkpoint (+ ECE if any)."""
+    # the ECE column only appears when some result has one, so regression-only tables keep their layout
+    with_ece = any(getattr(r, "ece", None) is not None for r in results)
+    head = "| method | metric | mean | 95% CI | episodes | step | checkpoint |"
+    lines = [head + (" ECE (%) |" if with_ece else ""), "|---|---|---|---|---|---|---|" + ("---|" if with_ece else "")]
     for r in results:
         scale = 100.0 if r.metric == "accuracy" else 1.0
         unit = " (%)" if r.metric == "accuracy" else ""
+        ece = (f" {100.0 * r.ece:.2f} |" if r.ece is not None else " |") if with_ece else ""
         lines.append(
             f"| {r.name} | {r.metric}{unit} | {r.mean * scale:.2f} | ± {r.ci95 * scale:.2f} | {r.episodes} | "
-            f"{'' if r.step is None else r.step} | {r.checkpoint or ''} |"
+            f"{'' if r.step is None else r.step} | {r.checkpoint or ''} |{ece}"
         )
     return "\n".join(lines) + "\n"
 

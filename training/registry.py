@@ -12,7 +12,9 @@ from torch import nn
 from training.config import Config, ConfigError, resolve_data_root
 
 SOURCES = ("glyph", "sinusoid", "omniglot")
-HEADS = ("maml", "fomaml", "anil", "metasgd", "reptile", "lstm", "protonet", "matchingnet")
+# Transfer baselines (Chen et al. 2019): their pre-training classifier needs the number of training classes.
+PRETRAINED_HEADS = ("baseline", "baselinepp")
+HEADS = ("maml", "fomaml", "anil", "metasgd", "reptile", "lstm", "protonet", "matchingnet", "probmaml") + PRETRAINED_HEADS
 MODELS = ("meta_transformer",) + HEADS
 
 
@@ -121,6 +123,31 @@ def build_backbone(cfg: Config) -> nn.Module:
         raise ConfigError(f"model.backbone / model.backbone_options: {exc}") from None
 
 
+# Above this many classes a split is procedural (the glyph family has 2**24): not one output per class.
+MAX_PRETRAIN_CLASSES = 1_000_000
+
+
+def training_classes(cfg: Config, data_root: Optional[str] = None) -> int:
+    """Number of classes episodes of the training split are drawn from (the transfer baselines' num_classes)."""
+    try:
+        episodes = build_episodes(cfg, cfg.data.train_split, data_root)
+    except ConfigError as exc:
+        raise ConfigError(f"model.name={cfg.model.name} needs the number of training classes: {exc}; "
+                          "or set model.options.num_classes") from None
+    count = getattr(episodes, "num_eligible", None)
+    if not isinstance(count, int):
+        raise ConfigError(f"model.name={cfg.model.name}: data.source={cfg.data.source} does not tell its number of "
+                          "classes; set model.options.num_classes")
+    if count > MAX_PRETRAIN_CLASSES:
+        raise ConfigError(
+            f"model.name={cfg.model.name} pre-trains one output per training class, but data.source="
+            f"{cfg.data.source} has {count} (procedurally unlimited) classes: set model.options.num_classes "
+            "explicitly, and cap the training classes (glyph: data.options.num_classes) so that no more than "
+            "that many distinct classes appear during training"
+        )
+    return count
+
+
 def build_model(cfg: Config) -> nn.Module:
     """The configured learner: an nn.Module with loss(batch) -> (loss, metrics)."""
     name = cfg.model.name
@@ -144,6 +171,8 @@ def build_model(cfg: Config) -> nn.Module:
         backbone = build_backbone(cfg)
         kw = {"kind": "regression", "n_out": 1} if regression else {"n_way": cfg.data.n_way}
         kw.update(cfg.model.options)
+        if name in PRETRAINED_HEADS and not regression and "num_classes" not in kw:
+            kw["num_classes"] = training_classes(cfg)
         try:
             return heads.build_head(name, backbone, **kw)
         except (TypeError, ValueError) as exc:

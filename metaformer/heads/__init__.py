@@ -1,4 +1,5 @@
-"""Few-shot heads behind one interface: MAML family, Reptile, LSTM meta-learner, ProtoNet, MatchingNet."""
+"""Few-shot heads behind one interface: MAML family, Reptile, LSTM meta-learner, ProtoNet, MatchingNet,
+transfer baselines (Baseline, Baseline++)."""
 
 from .base import BatchPredictor, FewShotHead, TaskPredictor
 from .batchnorm import BN_MODES, PerStepBatchNorm
@@ -6,14 +7,17 @@ from .gradient import BackboneWithLinear, GradientHead
 from .lstm import LSTMMetaLearner
 from .maml import ANIL, MAML, MetaSGD
 from .matching import MatchingNet
+from .probabilistic import ProbabilisticMAML, ProbabilisticPredictor
 from .protonet import ProtoNet
 from .registry import HEADS, build_head
 from .reptile import Reptile
+from .transfer import BaselinePlusPlus, TransferBaseline
 
 __all__ = [
     "ANIL",
     "BN_MODES",
     "BackboneWithLinear",
+    "BaselinePlusPlus",
     "BatchPredictor",
     "FewShotHead",
     "GradientHead",
@@ -23,8 +27,11 @@ __all__ = [
     "MatchingNet",
     "MetaSGD",
     "PerStepBatchNorm",
+    "ProbabilisticMAML",
+    "ProbabilisticPredictor",
     "ProtoNet",
     "Reptile",
     "TaskPredictor",
+    "TransferBaseline",
     "build_head",
 ]

@@ -225,14 +225,21 @@ class GradientHead(FewShotHead):
             return tuple(self._step(*args, list(fast)))
 
     def adapt_fast(self, support_x: Inputs, support_y: Tensor, mask: Optional[Tensor], ways: Optional[Tensor],
-                   steps: int, path: str, track_meta: bool) -> FastWeights:
-        """Run ``steps`` inner steps for all tasks; ``track_meta`` keeps the graph to the meta-parameters."""
+                   steps: int, path: str, track_meta: bool, init: Optional[list[Tensor]] = None) -> FastWeights:
+        """Run ``steps`` inner steps for all tasks; ``track_meta`` keeps the graph to the meta-parameters.
+
+        ``init``: initial fast weights ``[T, *shape]`` in ``fast_names`` order (default: the meta-parameters,
+        shared by all tasks); the probabilistic heads pass a sampled initialisation here.
+        """
         t = len(support_x) if isinstance(support_x, list) else support_x.shape[0]
         create_graph = track_meta and not self.first_order
         with torch.enable_grad():
             feats = self.features(support_x, mask, 0, path) if self.adapt_mode == "head" else None
             # a task dim from the start: d(sum_t loss_t)/d(expanded weight) is then the per-task gradient
-            fast = [p.unsqueeze(0).expand(t, *p.shape) for p in self.fast_parameters()]
+            if init is None:
+                fast = [p.unsqueeze(0).expand(t, *p.shape) for p in self.fast_parameters()]
+            else:
+                fast = self._check_init(init, t)
             if not track_meta:
                 fast = [f.detach().clone().requires_grad_(True) for f in fast]
                 if feats is not None and isinstance(feats, Tensor):
@@ -249,6 +256,16 @@ class GradientHead(FewShotHead):
             if not track_meta:
                 fast = [f.detach() for f in fast]
         return FastWeights(fast, steps)
+
+    def _check_init(self, init: Sequence[Tensor], t: int) -> list[Tensor]:
+        """Validate initial fast weights passed to adapt_fast: one [T, *shape] tensor per fast weight."""
+        params = self.fast_parameters()
+        if len(init) != len(params):
+            raise ValueError(f"init has {len(init)} tensors but the head has {len(params)} fast weights ({self.fast_names})")
+        for name, x, p in zip(self.fast_names, init, params):
+            if tuple(x.shape) != (t, *p.shape):
+                raise ValueError(f"init for {name} has shape {tuple(x.shape)}, expected [T={t}, *{tuple(p.shape)}]")
+        return list(init)
 
     def adapt_batch(self, support_x: Inputs, support_y: Tensor, support_mask: Optional[Tensor] = None,
                     n_way: Optional[Union[int, Tensor]] = None) -> BatchPredictor:

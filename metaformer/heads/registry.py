@@ -10,8 +10,10 @@ from .base import FewShotHead
 from .lstm import LSTMMetaLearner
 from .maml import ANIL, MAML, MetaSGD
 from .matching import MatchingNet
+from .probabilistic import ProbabilisticMAML
 from .protonet import ProtoNet
 from .reptile import Reptile
+from .transfer import BaselinePlusPlus, TransferBaseline
 
 
 def _fomaml(backbone: nn.Module, **kw: Any) -> FewShotHead:
@@ -30,12 +32,21 @@ HEADS: dict[str, Callable[..., FewShotHead]] = {
     "lstm": LSTMMetaLearner,
     "protonet": ProtoNet,
     "matchingnet": MatchingNet,
+    "baseline": TransferBaseline,
+    "baselinepp": BaselinePlusPlus,
+    "probmaml": ProbabilisticMAML,
 }
+
+# Other spellings of a head (after lower-casing and dropping "-" and "_"); not separate heads.
+ALIASES: dict[str, str] = {"probabilisticmaml": "probmaml", "platipus": "probmaml"}
 
 
 def build_head(name: str, backbone: nn.Module, **kw: Any) -> FewShotHead:
-    """Build a head by name ("maml", "fomaml", "anil", "metasgd", "reptile", "lstm", "protonet", "matchingnet")."""
+    """Build a head by name ("maml", "fomaml", "anil", "metasgd", "reptile", "lstm", "protonet", "matchingnet",
+    "probmaml" (aliases "probabilistic_maml", "platipus"), "baseline", "baselinepp" (transfer baselines of
+    Chen et al. 2019: supervised pre-training, a new linear / cosine classifier per task))."""
     key = name.lower().replace("-", "").replace("_", "")
+    key = ALIASES.get(key, key)
     if key not in HEADS:
         raise ValueError(f"unknown head {name!r}; choose one of {sorted(HEADS)}")
     try:
