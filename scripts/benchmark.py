@@ -73,8 +73,8 @@ METHODS: dict[str, str] = {
     "baseline": "Baseline (transfer)",
     "baselinepp": "Baseline++ (transfer)",
 }
-# Metric-based classifiers have no regression form: the sinusoid family skips them.
-CLASSIFICATION_ONLY = frozenset({"protonet", "matchingnet"})
+# Metric-based classifiers (and Baseline++'s cosine classifier) have no regression form: the sinusoid skips them.
+CLASSIFICATION_ONLY = frozenset({"protonet", "matchingnet", "baselinepp"})
 # The glyph family has 2**24 classes per split; a transfer baseline pre-trains a classifier over a finite class
 # set, and capping the family (data.options.num_classes) would also change the test episodes of that cell.
 FINITE_CLASSES_ONLY = frozenset({"baseline", "baselinepp"})
@@ -889,7 +889,7 @@ def write_report(results: Sequence[dict], specs: Sequence[CellSpec], suite: Suit
         "- ECE (classification only) is the expected calibration error of the softmax confidences, 15 equal-width "
         "bins, pooled over every query of the fixed test episodes: lower means the confidences match the "
         "accuracy. Probabilistic MAML averages the probabilities of its sampled adapted weights.",
-        "- ProtoNet and MatchingNet are classifiers: they have no sinusoid (regression) rows. The transfer "
+        "- ProtoNet, MatchingNet and Baseline++ are classifiers: they have no sinusoid (regression) rows. The transfer "
         "baselines (Chen et al. 2019) pre-train with cross-entropy over all meta-training classes at once (the "
         "episodes only deliver the examples) and fit a new linear (Baseline) or cosine (Baseline++) classifier "
         "on the frozen support embeddings of each test episode. They have no glyph rows: the glyph family has "
