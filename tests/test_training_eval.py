@@ -73,3 +73,34 @@ def test_report_json_and_markdown(tmp_path: Path) -> None:
     data = json.loads(jpath.read_text())
     assert data["episodes"] == 600 and [r["name"] for r in data["results"]] == ["A", "B"]
     assert markdown_table([a]).count("\n") == 3
+
+
+@pytest.mark.parametrize("name", ["maml", "probmaml", "lstm"])
+def test_predict_builds_no_meta_graph_and_matches_a_tracked_adaptation(name: str) -> None:
+    """evaluation.predict adapts without a graph to the meta-parameters, with the same predictions as a tracked run."""
+    from metaformer.data import EpisodeSampler, GlyphFamily
+    from metaformer.heads import build_head
+    from metaformer.models import build_backbone
+    from training.evaluation import predict
+
+    torch.manual_seed(0)
+    head = build_head(name, build_backbone("conv4", in_channels=1, hidden=8), n_way=3, inner_steps=2).eval()
+    batch = EpisodeSampler(GlyphFamily(seed=0, image_size=16), 3, 2, 2, seed=0).batch(0, 2)
+    saved: dict[str, int] = {"predict": 0, "tracked": 0}
+
+    def counting(key: str) -> torch.autograd.graph.saved_tensors_hooks:
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            saved[key] += 1
+            return t
+        return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+
+    with counting("predict"):
+        out = predict(head, batch)
+    assert not out.requires_grad and all(p.grad is None for p in head.parameters())
+    with counting("tracked"), torch.enable_grad():  # as meta-training runs it (second order for MAML)
+        tracked = head.adapt_batch(batch.support_x, batch.support_y, batch.support_mask, batch.n_way)(
+            batch.query_x, batch.query_mask)
+    assert tracked.requires_grad
+    torch.testing.assert_close(out, tracked.detach(), rtol=0, atol=0)
+    # the inner loop still saves tensors for its own gradients, but far fewer than a graph kept for the meta-gradient
+    assert 0 < saved["predict"] < saved["tracked"]

@@ -232,8 +232,8 @@ class ProbabilisticMAML(GradientHead):
             support_x = [support_x] if isinstance(support_x, list) else support_x.unsqueeze(0)
             query_x = [query_x] if isinstance(query_x, list) else query_x.unsqueeze(0)
             support_y = support_y.unsqueeze(0)
-        # the inner loop needs gradients even when the caller predicts under no_grad
-        with torch.enable_grad():
+        # no graph to the meta-parameters (adapt_fast enables grad for the inner loop itself): memory of one sample
+        with torch.no_grad():
             predictor = self.adapt_batch(support_x, support_y, None, n_way, generator=generator, num_samples=num_samples)
             mean, std = predictor.mean_and_std(query_x)
         mean, std = mean.detach(), std.detach()
