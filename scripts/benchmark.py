@@ -38,6 +38,7 @@ import os
 import platform
 import resource
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -286,8 +287,6 @@ def peak_rss_mib() -> float:
 
 def run_cell(spec: CellSpec) -> dict:
     """Meta-train one method in segments (an evaluation after each), evaluate it, return the measurements."""
-    import shutil
-
     from training.registry import build_episodes
     from training.trainer import Trainer
 
@@ -316,6 +315,8 @@ def run_cell(spec: CellSpec) -> dict:
         res = evaluate(trainer.model, episodes, n, cfg.eval.batch_tasks, trainer.device, name=METHODS[spec.method])
         curve.append({"train_s": train_s, "step": trainer.step, "mean": res.mean, "ci95": res.ci95, "episodes": n})
     assert result is not None  # segments >= 1
+    plot = plot_predictive(trainer.model, cfg, run_dir) if spec.method == "probmaml" and cfg.data.source == "sinusoid" \
+        else None
     q = queries_per_episode(cfg)
     gpu_mib = torch.cuda.max_memory_allocated(trainer.device) / 2**20 if trainer.device.type == "cuda" else None
     return {
@@ -326,11 +327,24 @@ def run_cell(spec: CellSpec) -> dict:
         "meta_batch": cfg.train.meta_batch, "train_tasks_per_s": trainer.step * cfg.train.meta_batch / max(train_s, 1e-9),
         "eval_seconds": res.seconds, "queries_per_episode": q, "queries_per_s": res.episodes * q / max(res.seconds, 1e-9),
         "peak_rss_mib": peak_rss_mib(), "gpu_peak_mib": gpu_mib, "cell_seconds": time.perf_counter() - t_cell,
-        "curve": curve,
+        "curve": curve, "plot": plot,
         "threads": torch.get_num_threads(), "device": str(trainer.device), "budget_s": spec.budget_s,
         "config_steps": total_steps, "model_options": cfg.model.options, "backbone": cfg.model.backbone,
         "backbone_options": cfg.model.backbone_options, "optim": f"{cfg.optim.name} lr {cfg.optim.lr:g} {cfg.optim.schedule}",
     }
+
+
+def plot_predictive(model: Any, cfg: Config, run_dir: Path) -> Optional[str]:
+    """Probabilistic MAML on the sinusoid: predictive mean and ±2 std on 4 test tasks (scripts/plot_probmaml_sinusoid.py)."""
+    import argparse as _argparse
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("plot_probmaml_sinusoid", ROOT / "scripts" / "plot_probmaml_sinusoid.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = run_dir / "probmaml_sinusoid.png"
+    mod.plot(model, _argparse.Namespace(shots=cfg.data.k_shot, samples=50, seed=0, out=str(out)))
+    return str(out)
 
 
 def _child_main(spec_path: str) -> int:
@@ -831,6 +845,13 @@ def write_report(results: Sequence[dict], specs: Sequence[CellSpec], suite: Suit
         "throughput_vs_peers": plot_peer_throughput(peers, res_dir / f"{suite.name}_throughput_vs_peers.png"),
     }
     paths.update({k: v for k, v in plots.items() if v is not None})
+    for r in _ok(results):  # per-cell plots (probabilistic MAML's predictive band) move next to the others
+        if r.get("plot"):
+            dest = res_dir / f"{suite.name}_{r['setting']}_{r['method']}_predictive.png"
+            if Path(r["plot"]).is_file() and Path(r["plot"]).resolve() != dest.resolve():
+                shutil.copyfile(r["plot"], dest)
+            if dest.is_file():
+                paths[f"predictive_{r['setting']}_{r['method']}"] = dest
     payload = {**meta, "suite": suite.name, "time_boxed": suite.time_boxed, "cells": [asdict(s) for s in specs],
                "results": list(results), "peers": peers, "gpu_run": gpu}
     jpath = res_dir / f"{suite.name}.json"
@@ -919,6 +940,11 @@ def write_report(results: Sequence[dict], specs: Sequence[CellSpec], suite: Suit
         md += [f"![accuracy vs meta-training time](results/{paths['accuracy_vs_time'].name})", "",
                "Test accuracy (MSE for the sinusoid) after each training segment against cumulative meta-training "
                "seconds; earlier points use the first episodes of the fixed test set, the last point all of them.", ""]
+    for key, png in paths.items():
+        if key.startswith("predictive_"):
+            md += [f"![predictive band]({'results/' + png.name})", "",
+                   "Probabilistic MAML on 4 sinusoid test tasks after this run's training: support points, the true "
+                   "function, the predictive mean and ±2 standard deviations over 50 sampled adapted weights.", ""]
     md += ["## Meta-training throughput against the peer libraries", ""]
     if peers and "throughput_vs_peers" in paths:
         md += [f"Source: {peers['source']}. MAML meta-train step on the same network, batch and initial weights in "

@@ -175,3 +175,17 @@ def test_every_quick_and_full_cell_has_a_valid_config(tmp_path: Path) -> None:
     assert b.parse_setting("sinusoid-10s").key == "sinusoid-10s"
     with pytest.raises(ValueError, match="must look like"):
         b.parse_setting("omniglot-five")
+
+
+def test_probabilistic_maml_sinusoid_cell_plots_its_predictive_band(tmp_path: Path) -> None:
+    b = _bench()
+    suite = b.Suite("tiny", (b.Setting("sinusoid", 0, 5),), {"sinusoid": b.SourcePlan(None, 4, 2, 1)},
+                    time_boxed=False, jobs=1)
+    paths = b.run_suite(suite, tmp_path / "docs", ["probmaml"], list(suite.settings), extra=["train.steps=2"],
+                        work=tmp_path / "work", in_process=True, command="scripts/benchmark.py --test", log=lambda *_: None)
+    png = paths["predictive_sinusoid-5s_probmaml"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20000
+    md = paths["md"].read_text()
+    assert f"(results/{png.name})" in md and "±2 standard deviations" in md
+    [r] = json.loads(paths["json"].read_text())["results"]
+    assert r["metric"] == "mse" and r["ece"] is None
