@@ -989,6 +989,7 @@ def run_suite(suite: Suite, out: Path, methods: Sequence[str], settings: Sequenc
     """Run every cell of the suite, then the peer cell if asked, and write the report; returns the paths written."""
     t0 = time.perf_counter()
     load_start = tuple(round(x, 2) for x in os.getloadavg())
+    machine = machine_info(device)  # before any output is written: "dirty" must describe the code that ran
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M")
     work = work or Path(tempfile.gettempdir()) / "metaformer_benchmark" / suite.name
     jobs = suite.jobs if jobs is None else jobs
@@ -1002,7 +1003,7 @@ def run_suite(suite: Suite, out: Path, methods: Sequence[str], settings: Sequenc
                                "sinusoid" if suite.time_boxed else "sinusoid,omniglot",
                                "so" if suite.time_boxed else "so,fo")
     meta = {"command": command or " ".join(["scripts/benchmark.py", "--suite", suite.name]), "date": date,
-            "machine": machine_info(device), "threads": threads, "jobs": jobs, "load_start": load_start,
+            "machine": machine, "threads": threads, "jobs": jobs, "load_start": load_start,
             "load_end": tuple(round(x, 2) for x in os.getloadavg()), "total_seconds": time.perf_counter() - t0,
             "in_process": in_process}
     paths = write_report(results, specs, suite, out, meta, peers, gpu)
