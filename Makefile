@@ -8,7 +8,7 @@ PIP := $(VENV)/bin/pip
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.metaformer-installed
 
-.PHONY: setup demo test bench cuda-check clean
+.PHONY: setup demo test test-gpu bench cuda-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+# The op on a GPU against the float64 CPU reference (needs a CUDA build of torch and a GPU; fails, never
+# skips, without one). TEST_DEVICE=cpu runs the same checks on the CPU kernel.
+TEST_DEVICE ?= cuda
+test-gpu: $(STAMP)
+	METAFORMER_TEST_DEVICE=$(TEST_DEVICE) HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests/gpu
 
 bench: $(STAMP)
 	$(PY) scripts/bench_inner_update.py

@@ -85,6 +85,8 @@ class TrainConfig:
     max_minutes: Optional[float] = None  # wall-clock cap; training stops (with a checkpoint) when reached
     progress: bool = True  # tqdm bar on the main rank
     tensorboard: bool = True
+    init_from: Optional[str] = None  # warm start: run or step folder of another `metaformer train` run
+    init_rename: dict = field(default_factory=dict)  # prefix renames of the source's tensor names, e.g. {"net.": ""}
 
 
 @dataclass

@@ -23,6 +23,7 @@ from training.logs import RunLogger
 from training.optim import build_optimizer, build_scheduler
 from training.registry import build_episodes, build_model
 from training.seeding import rng_state, seed_everything, set_rng_state
+from training.warm_start import warm_start
 
 SUMMARY_FILE = "summary.json"
 
@@ -132,6 +133,7 @@ class Trainer:
         self.step = 0
         self.skipped = 0
         self.best_value: Optional[float] = None
+        self.restored = False
         if resume:
             self._load_latest()
         elif ckpt_io.list_checkpoints(self.run_dir):
@@ -139,6 +141,11 @@ class Trainer:
                 f"{self.run_dir} already holds checkpoints; pass --resume to continue that run, or set out_dir/name "
                 "to start a new one"
             )
+        if t.init_from and not self.restored:
+            # a resumed run already holds the warm-started (and since trained) weights in its checkpoint
+            report = warm_start(self.model, t.init_from, t.init_rename)
+            if self.info.is_main:
+                print(report.summary(), flush=True)
         if self.info.enabled:
             self.wrapped: nn.Module = torch.nn.parallel.DistributedDataParallel(
                 LossModule(self.model), device_ids=[self.device.index] if self.device.type == "cuda" else None,
@@ -159,6 +166,7 @@ class Trainer:
         ckpt = ckpt_io.read_checkpoint(self.run_dir)
         check_resume_config(ckpt.config, self.cfg, ckpt.path)
         ckpt_io.load_weights_into(self.model, ckpt, self.cfg.model.name)
+        self.restored = True
         state = ckpt.trainer_state or {}
         try:
             self.optimizer.load_state_dict(state["optimizer"])

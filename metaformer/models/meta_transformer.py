@@ -218,6 +218,11 @@ class MetaTransformer(nn.Module):
         else:
             self.label_embedding = None
             self.target_proj = nn.Linear(config.d_out, d)
+        # a warm start (training.warm_start) may copy a model with fewer ways into this one: trained label
+        # rows first, new rows after; a fixed simplex code is rebuilt for the new max_way instead
+        self.warm_start_growable: tuple[str, ...] = (
+            ("label_embedding",) if config.task == "classification" and config.label_code == "learned" else ()
+        )
         self.blocks = nn.ModuleList(
             _Block(d, config.n_heads, config.mlp_ratio, config.dropout) for _ in range(config.n_layers)
         )
