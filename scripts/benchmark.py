@@ -349,7 +349,10 @@ def plot_predictive(model: Any, cfg: Config, run_dir: Path) -> Optional[str]:
 
 def _child_main(spec_path: str) -> int:
     """Child process: run the cell in `spec_path`, print its result as one `RESULT {json}` line."""
+    from training.cpu_allocator import tune_cpu_allocator
+
     spec = CellSpec(**json.loads(Path(spec_path).read_text()))
+    tune_cpu_allocator()  # as `metaformer train/eval` do, so a cell runs at the speed of the CLI
     try:
         res = run_cell(spec)
     except Exception as exc:  # noqa: BLE001 - the parent reports the failed cell in the table and goes on
