@@ -63,6 +63,29 @@ def test_evaluate_real_model_on_fixed_episodes() -> None:
     assert torch.equal(again.query_x, episodes.batch(3, 2).query_x)
 
 
+def test_cpu_passes_are_capped_by_input_size_and_change_no_score(monkeypatch: pytest.MonkeyPatch) -> None:
+    from training import evaluation
+
+    class Probe:
+        def __init__(self, n_images: int, side: int = 28) -> None:
+            self.support_x, self.query_x = torch.zeros(1, n_images // 2, 1, side, side), torch.zeros(1, n_images // 2, 1, side, side)
+
+    cpu = torch.device("cpu")
+    # Omniglot: 5-way 1-shot 15 queries = 80 images per task, 20-way 1-shot 15 queries = 320
+    assert evaluation.tasks_per_forward(16, Probe(80), cpu) == 12
+    assert evaluation.tasks_per_forward(16, Probe(320), cpu) == 3
+    assert evaluation.tasks_per_forward(16, Probe(4000), cpu) == 1
+    assert evaluation.tasks_per_forward(16, Probe(320), torch.device("meta")) == 16  # accelerators keep batch_tasks
+    cfg = load_config(TINY)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    episodes = build_episodes(cfg, "test")
+    whole = evaluate(model, episodes, 9, 9, cpu)
+    monkeypatch.setattr(evaluation, "CPU_INPUT_ELEMENTS_PER_FORWARD", 2 * 9 * 16 * 16)  # 2 tasks of 9 images
+    split = evaluate(model, episodes, 9, 9, cpu)
+    assert split.per_episode == pytest.approx(whole.per_episode, abs=0) and split.ece == pytest.approx(whole.ece)
+
+
 def test_report_json_and_markdown(tmp_path: Path) -> None:
     a = EvalResult("A", "accuracy", 0.5, 0.04, 0.1, 600, step=10, per_episode=[0.5] * 3)
     b = EvalResult("B", "accuracy", 0.625, 0.0312, 0.1, 600, step=20)

@@ -57,3 +57,34 @@ def test_grad_clip_bounds_the_logged_update(tmp_path: Path) -> None:
     assert not skipped and metrics["grad_norm"] > 0.01  # the norm before clipping is logged
     clipped = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in trainer.params if p.grad is not None))
     assert clipped == pytest.approx(0.01, rel=1e-4)
+
+
+def test_lr_scale_groups_freeze_and_schedule(tmp_path: Path) -> None:
+    from training.config import ConfigError
+    from training.trainer import Trainer
+
+    cfg = load_config(TINY, [f"out_dir={tmp_path / 'scaled'}", "optim.lr_scale={'backbone.': 0.0, 'blocks.': 0.5}",
+                             "train.steps=3", "optim.warmup_steps=2"])
+    trainer = Trainer(cfg)
+    model = trainer.model
+    by_param = {id(p): g["lr"] for g in trainer.optimizer.param_groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        want = 0.0 if name.startswith("backbone.") else 0.5 if name.startswith("blocks.") else 1.0
+        assert by_param[id(p)] == pytest.approx(cfg.optim.lr * want * lr_factor(0, 3, cfg.optim)), name
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer.run()
+    for name, p in model.named_parameters():
+        # scale 0 freezes exactly (AdamW's decay is scaled by the lr too); the others move
+        assert torch.equal(p, before[name]) == name.startswith("backbone."), name
+    with pytest.raises(ConfigError, match=r"match no trainable parameter.*backbone\."):
+        build_optimizer(model, load_config(TINY, ["optim.lr_scale={'encoder.': 0.1}"]).optim)
+    with pytest.raises(ConfigError, match="optim.lr_scale values must be numbers >= 0"):
+        load_config(TINY, ["optim.lr_scale={'backbone.': -1}"])
+
+
+def test_group_layout_without_lr_scale_is_unchanged() -> None:
+    # checkpoints written before lr_scale hold [decayed, not decayed]; even with weight_decay 0 both groups exist
+    cfg = load_config(TINY, ["optim.weight_decay=0.0"])
+    groups = build_optimizer(build_model(cfg), cfg.optim).param_groups
+    assert len(groups) == 2 and all(p.dim() > 1 for p in groups[0]["params"])
+    assert all(p.dim() <= 1 for p in groups[1]["params"])

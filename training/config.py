@@ -64,6 +64,7 @@ class OptimConfig:
     min_lr_ratio: float = 0.0  # cosine/linear decay ends at lr * min_lr_ratio
     grad_clip: Optional[float] = 1.0  # max global gradient norm; null disables clipping
     decay_norm_and_bias: bool = False  # weight decay on 1-d parameters (norm scales, biases) too
+    lr_scale: dict = field(default_factory=dict)  # lr multiplier by parameter-name prefix, e.g. {"backbone.": 0.1}; 0 freezes
 
 
 @dataclass
@@ -391,6 +392,8 @@ def validate(cfg: Config) -> None:
     _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), f"optim.betas must be two numbers in [0, 1), got {o.betas}")
     _check(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
     _check(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
+    _check(all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in o.lr_scale.values()),
+           f"optim.lr_scale values must be numbers >= 0 (0 freezes), got {o.lr_scale}")
     _check(o.grad_clip is None or o.grad_clip > 0, f"optim.grad_clip must be > 0 or null, got {o.grad_clip}")
     _check(e.episodes >= 1, f"eval.episodes must be >= 1, got {e.episodes}")
     _check(e.batch_tasks >= 1, f"eval.batch_tasks must be >= 1, got {e.batch_tasks}")

@@ -126,6 +126,20 @@ def episode_scores(out: Tensor, batch: Any) -> list[float]:
     return [float(v) for v in per.cpu()]
 
 
+# On a CPU a forward pass over more input than this (Omniglot: 1024 images of 28x28) gains nothing from
+# batching and allocates activations beyond the heap's reuse threshold (see training.cpu_allocator): a
+# 20-way 1-shot evaluation with 16 tasks per pass spent half its time in page faults.
+CPU_INPUT_ELEMENTS_PER_FORWARD = 1024 * 28 * 28
+
+
+def tasks_per_forward(batch_tasks: int, probe: Any, device: torch.device) -> int:
+    """Tasks per evaluation pass: `batch_tasks`, capped on a CPU by the input size of one task (`probe`)."""
+    if device.type != "cpu" or not torch.is_tensor(probe.support_x) or not torch.is_tensor(probe.query_x):
+        return batch_tasks
+    per_task = probe.support_x[0].numel() + probe.query_x[0].numel()
+    return max(1, min(batch_tasks, CPU_INPUT_ELEMENTS_PER_FORWARD // max(per_task, 1)))
+
+
 def evaluate(
     model: nn.Module,
     episodes: Any,
@@ -142,6 +156,8 @@ def evaluate(
     scores: list[float] = []
     regression = None
     bins = torch.zeros(ECE_BINS, 3, dtype=torch.float64)
+    # episodes are drawn by index, so the split into passes changes no episode
+    batch_tasks = tasks_per_forward(batch_tasks, episodes.batch(0, 1), device)
     starts = range(0, num_episodes, batch_tasks)
     if progress:
         from tqdm import tqdm

@@ -7,20 +7,37 @@ import math
 import torch
 from torch import nn
 
-from training.config import OptimConfig
+from training.config import ConfigError, OptimConfig
+
+
+def _lr_scale(name: str, scales: dict) -> float:
+    # the longest matching prefix wins, so {"backbone.": 0.1, "backbone.features.0.": 0.0} is unambiguous
+    best = max((p for p in scales if name.startswith(p)), key=len, default=None)
+    return 1.0 if best is None else float(scales[best])
 
 
 def parameter_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
-    """Two groups: weights with decay, and 1-d tensors (norm scales, biases) without unless configured."""
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
+    """Groups by weight decay (1-d tensors without, unless configured) and by `optim.lr_scale` prefix."""
+    scales = dict(cfg.lr_scale or {})
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    unmatched = [pre for pre in scales if not any(n.startswith(pre) for n in names)]
+    if unmatched:
+        raise ConfigError(
+            f"optim.lr_scale prefix(es) {unmatched} match no trainable parameter; parameter names start with "
+            f"{sorted({n.split('.')[0] + '.' for n in names})}"
+        )
+    # (scale, decayed?) -> params; scale 1.0 first, decayed before not, which is the layout (and so the
+    # optimizer state_dict) of checkpoints written before lr_scale existed
+    groups: dict[tuple[float, bool], list] = {(1.0, True): []}
+    for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.dim() <= 1 and not cfg.decay_norm_and_bias else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return groups
+        decayed = not (p.dim() <= 1 and not cfg.decay_norm_and_bias)
+        groups.setdefault((_lr_scale(name, scales), decayed), []).append(p)
+    order = sorted(groups, key=lambda k: (k[0] != 1.0, not k[1]))  # stable: other scales keep first-seen order
+    # a scale of 0 keeps the group at lr 0: frozen exactly (AdamW's decay is lr * wd), resumable like the rest
+    return [{"params": groups[k], "weight_decay": cfg.weight_decay if k[1] else 0.0, "lr": cfg.lr * k[0]}
+            for k in order if groups[k] or k == (1.0, True)]
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
