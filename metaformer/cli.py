@@ -54,11 +54,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run a subcommand; user errors print one clear line and exit with status 2."""
     args = _parser().parse_args(argv)
     from training.checkpoint import CheckpointError
+    from training.config import ConfigError
     from training.cpu_allocator import tune_cpu_allocator
+    from training.trainer import NonFiniteLossError
 
     tune_cpu_allocator()  # batched CPU steps re-fault their activations otherwise (see the module)
-    from training.config import ConfigError
-    from training.trainer import NonFiniteLossError
 
     try:
         if args.command == "train":

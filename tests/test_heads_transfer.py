@@ -14,9 +14,10 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from metaformer.cli import main
-from metaformer.data import Episode, EpisodeBatch, EpisodeSampler, GlyphFamily, SinusoidFamily
+from metaformer.data import EpisodeBatch, EpisodeSampler, GlyphFamily, SinusoidFamily
 from metaformer.heads import HEADS, BaselinePlusPlus, TransferBaseline, build_head
 from metaformer.models import build_backbone
+from padded_episodes import Flat, episodes
 from training import checkpoint as ckpt_io
 from training.config import ConfigError, load_config
 from training.evaluation import evaluate
@@ -28,29 +29,6 @@ TINY = REPO / "training" / "configs" / "tiny.yaml"
 SINUSOID = REPO / "training" / "configs" / "sinusoid.yaml"
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class Flat(nn.Module):
-    """A linear embedding of flattened 2x2 images (out_dim 3)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(4, 3)
-        self.out_dim = 3
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.lin(x.flatten(1))
-
-
-def episodes(seed: int = 0) -> list[Episode]:
-    """Three tasks with different ways and shots (so the batch is padded), named classes."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for t, (n, k) in enumerate(((3, 2), (2, 3), (3, 1))):
-        out.append(Episode(torch.randn(n * k, 1, 2, 2, generator=g), torch.arange(n).repeat_interleave(k),
-                           torch.randn(4, 1, 2, 2, generator=g), torch.randint(0, n, (4,), generator=g),
-                           [f"c{t}-{i}" for i in range(n)]))
-    return out
 
 
 def reference_fit(emb: Tensor, y: Tensor, n: int, cosine: bool, scale: float, steps: int, lr: float,

@@ -9,7 +9,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Iterable, Optional, Union
 
 import yaml
 
@@ -359,6 +359,11 @@ def config_differences(a: Config, b: Config, ignore_mutable: bool = True) -> dic
         if fa.get(k) != fb.get(k):
             diffs[k] = (fa.get(k), fb.get(k))
     return diffs
+
+
+def longest_prefix(name: str, prefixes: Iterable[str]) -> Optional[str]:
+    """The longest of `prefixes` that `name` starts with (None if none): how prefix-keyed options resolve."""
+    return max((p for p in prefixes if name.startswith(p)), key=len, default=None)
 
 
 def _check(cond: bool, msg: str) -> None:

@@ -25,12 +25,13 @@ M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 DEFAULT_THRESHOLD = 1 << 30  # blocks above 1 GiB still get their own mapping
 
-_applied: dict[str, int] = {}
+_tuned = False
 
 
 def tune_cpu_allocator(threshold: int = DEFAULT_THRESHOLD) -> bool:
     """Raise glibc's mmap and trim thresholds once per process; False where it does not apply or is opted out."""
-    if _applied:
+    global _tuned
+    if _tuned:
         return True
     if os.environ.get("METAFORMER_MALLOC_TUNE", "1").strip().lower() in ("0", "false", "no", "off"):
         return False
@@ -47,10 +48,5 @@ def tune_cpu_allocator(threshold: int = DEFAULT_THRESHOLD) -> bool:
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     if mallopt(M_MMAP_THRESHOLD, threshold) != 1 or mallopt(M_TRIM_THRESHOLD, threshold) != 1:
         return False
-    _applied.update(mmap_threshold=threshold, trim_threshold=threshold)
+    _tuned = True
     return True
-
-
-def allocator_settings() -> dict[str, int]:
-    """The thresholds this process set (empty when untouched), for run metadata."""
-    return dict(_applied)

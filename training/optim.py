@@ -7,12 +7,12 @@ import math
 import torch
 from torch import nn
 
-from training.config import ConfigError, OptimConfig
+from training.config import ConfigError, OptimConfig, longest_prefix
 
 
 def _lr_scale(name: str, scales: dict) -> float:
     # the longest matching prefix wins, so {"backbone.": 0.1, "backbone.features.0.": 0.0} is unambiguous
-    best = max((p for p in scales if name.startswith(p)), key=len, default=None)
+    best = longest_prefix(name, scales)
     return 1.0 if best is None else float(scales[best])
 
 

@@ -133,15 +133,15 @@ class Trainer:
         self.step = 0
         self.skipped = 0
         self.best_value: Optional[float] = None
-        self.restored = False
+        restored = False
         if resume:
-            self._load_latest()
+            restored = self._load_latest()
         elif ckpt_io.list_checkpoints(self.run_dir):
             raise ConfigError(
                 f"{self.run_dir} already holds checkpoints; pass --resume to continue that run, or set out_dir/name "
                 "to start a new one"
             )
-        if t.init_from and not self.restored:
+        if t.init_from and not restored:
             # a resumed run already holds the warm-started (and since trained) weights in its checkpoint
             report = warm_start(self.model, t.init_from, t.init_rename)
             if self.info.is_main:
@@ -157,16 +157,17 @@ class Trainer:
         self._val_episodes = None
 
     # ------------------------------------------------------------------ checkpoints
-    def _load_latest(self) -> None:
-        """Restore weights, optimiser, schedule, scaler, RNG states and position from the newest checkpoint."""
+    def _load_latest(self) -> bool:
+        """Restore weights, optimiser, schedule, scaler, RNG states and position from the newest checkpoint.
+
+        False when the run folder has no checkpoint yet (the run starts from step 0)."""
         if not ckpt_io.list_checkpoints(self.run_dir):
             if self.info.is_main:
                 print(f"--resume: no checkpoint in {self.run_dir}; starting from step 0", flush=True)
-            return
+            return False
         ckpt = ckpt_io.read_checkpoint(self.run_dir)
         check_resume_config(ckpt.config, self.cfg, ckpt.path)
         ckpt_io.load_weights_into(self.model, ckpt, self.cfg.model.name)
-        self.restored = True
         state = ckpt.trainer_state or {}
         try:
             self.optimizer.load_state_dict(state["optimizer"])
@@ -183,6 +184,7 @@ class Trainer:
         self.step = int(state.get("step", ckpt.step))
         self.skipped = int(state.get("skipped", 0))
         self.best_value = state.get("best_value")
+        return True
 
     def save(self, metrics: dict[str, float]) -> Optional[Path]:
         """Write a checkpoint of the current step (main rank; every rank contributes its RNG state)."""

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from training.checkpoint import CheckpointError, read_checkpoint
+from training.config import longest_prefix
 
 
 @dataclass
@@ -43,10 +44,8 @@ class WarmStartReport:
 
 def _rename(name: str, rename: dict[str, str]) -> str:
     # the longest matching prefix wins, so {"net.": "", "net.head.": "classifier."} is unambiguous
-    for old in sorted(rename, key=len, reverse=True):
-        if name.startswith(old):
-            return rename[old] + name[len(old):]
-    return name
+    old = longest_prefix(name, rename)
+    return name if old is None else rename[old] + name[len(old):]
 
 
 def _grow_rows(target: Tensor, source: Tensor) -> Tensor:
