@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from training.checkpoint import read_checkpoint
 from training.config import ConfigError, load_config
 from training.eval_cli import evaluate_checkpoints
 from training.registry import build_episodes
+import training.trainer as trainer_module
 from training.trainer import Trainer, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,11 +59,14 @@ def test_omniglot_episodes_from_real_data() -> None:
         build_episodes(bad, "train")
 
 
-def test_bf16_autocast_on_cpu(tmp_path: Path) -> None:
+def test_bf16_autocast_on_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "bf16"
     cfg = load_config(TINY, [f"out_dir={out}", "train.precision=bf16", "train.steps=4", "model.name=protonet",
                              "model.options={}"])
-    res = train(cfg)
+    monkeypatch.setattr(trainer_module, "cpu_has_fast_bf16", lambda: True)  # this machine may lack it: see below
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no slow-bf16 warning where the CPU has native bf16
+        res = train(cfg)
     assert res.step == 4 and torch.isfinite(torch.tensor(res.metrics["loss"]))
     weights = read_checkpoint(out, with_trainer_state=False).model_state
     assert all(v.dtype == torch.float32 for v in weights.values() if v.is_floating_point())  # master weights stay fp32
@@ -93,3 +98,17 @@ def test_fp16_overflow_is_skipped_by_the_scaler_not_reported_as_nan(tmp_path: Pa
     assert not skipped and math.isfinite(metrics["loss"])
     assert trainer.scaler.get_scale() == 2.0**119  # backed off once
     assert all(torch.equal(a, p.detach()) for a, p in zip(before, trainer.params))  # the overflowing step was not applied
+
+def test_bf16_on_a_cpu_without_native_bf16_warns_with_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without AVX-512 BF16/AMX, bf16 convolutions take ATen's slow fallback: the user is told, with the fix."""
+    monkeypatch.setattr(trainer_module, "cpu_has_fast_bf16", lambda: False)
+    cfg = load_config(TINY, [f"out_dir={tmp_path / 'b'}", "train.precision=bf16", "train.steps=1",
+                             "model.name=protonet", "model.options={}"])
+    with pytest.warns(UserWarning, match=r"without native bf16.*train\.precision=fp32"):
+        Trainer(cfg)
+
+
+def test_cpu_has_fast_bf16_is_onednn_s_answer() -> None:
+    """The check is oneDNN's own (not a guess from CPU flags), so it follows what the kernels will do."""
+    expected = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert trainer_module.cpu_has_fast_bf16() is bool(expected)

@@ -32,6 +32,10 @@ class DataConfig:
     n_way: int = 5
     k_shot: int = 1
     q_query: int = 15
+    # Inclusive [low, high] ranges of N / K drawn per *training* episode (mixed sizes in one meta-batch,
+    # padded); validation and test episodes keep n_way / k_shot. The model is sized for the larger N.
+    train_ways: Optional[tuple] = None
+    train_shots: Optional[tuple] = None
     image_size: int = 28
     train_split: str = "train"
     val_split: str = "val"
@@ -361,6 +365,11 @@ def config_differences(a: Config, b: Config, ignore_mutable: bool = True) -> dic
     return diffs
 
 
+def max_ways(d: DataConfig) -> int:
+    """The most classes an episode of this data config can have (what classifiers are sized for)."""
+    return max(d.n_way, d.train_ways[1]) if d.train_ways is not None else d.n_way
+
+
 def longest_prefix(name: str, prefixes: Iterable[str]) -> Optional[str]:
     """The longest of `prefixes` that `name` starts with (None if none): how prefix-keyed options resolve."""
     return max((p for p in prefixes if name.startswith(p)), key=len, default=None)
@@ -377,6 +386,13 @@ def validate(cfg: Config) -> None:
     _check(d.n_way >= 1, f"data.n_way must be >= 1, got {d.n_way}")
     _check(d.k_shot >= 1, f"data.k_shot must be >= 1, got {d.k_shot}")
     _check(d.q_query >= 1, f"data.q_query must be >= 1, got {d.q_query}")
+    for key, rng in (("train_ways", d.train_ways), ("train_shots", d.train_shots)):
+        _check(rng is None or (len(rng) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in rng)
+                               and 1 <= rng[0] <= rng[1]),
+               f"data.{key} must be null or an inclusive range [low, high] of ints with 1 <= low <= high, got {rng!r}")
+    _check(d.source != "sinusoid" or (d.train_ways is None and d.train_shots is None),
+           "data.train_ways / data.train_shots: the sinusoid family draws a fixed K per run (and has no N); "
+           "leave them null and set data.k_shot")
     _check(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")
     _check(t.steps >= 1, f"train.steps must be >= 1, got {t.steps}")
     _check(t.meta_batch >= 1, f"train.meta_batch must be >= 1, got {t.meta_batch}")

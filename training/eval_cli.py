@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import copy
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
 from training import checkpoint as ckpt_io
-from training.config import Config, load_config
+from training.config import Config, load_config, max_ways
 from training.evaluation import EvalResult, evaluate, markdown_table, write_report
 from training.registry import build_episodes, build_model
 
@@ -19,6 +20,16 @@ def load_model(path: str | Path, cfg: Optional[Config] = None, which: str = "lat
     """Build the model (from `cfg`, else the checkpoint's own config) and load the checkpoint's weights into it."""
     ckpt = ckpt_io.read_checkpoint(path, with_trainer_state=False, which=which)
     build_cfg = cfg if cfg is not None else ckpt.config
+    if cfg is not None and cfg.data.source != "sinusoid":
+        trained, asked = max_ways(ckpt.config.data), max_ways(cfg.data)
+        if asked > trained:
+            raise ckpt_io.CheckpointError(
+                f"checkpoint {ckpt.path} was trained for at most {trained} ways, the evaluation asks for {asked}; "
+                f"evaluate with data.n_way <= {trained}, or grow the model with train.init_from into a run with "
+                f"data.n_way={asked} (the Meta-Transformer's learned label rows are kept) and train it there")
+        # Fewer ways than the model was built for is fine (extra classes are masked per task): keep its size.
+        build_cfg = copy.deepcopy(cfg)
+        build_cfg.data.n_way, build_cfg.data.train_ways = ckpt.config.data.n_way, ckpt.config.data.train_ways
     model = build_model(build_cfg)
     ckpt_io.load_weights_into(model, ckpt, build_cfg.model.name)
     return model.to(device).eval(), ckpt

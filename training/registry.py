@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 from torch import nn
 
-from training.config import Config, ConfigError, resolve_data_root
+from training.config import Config, ConfigError, max_ways, resolve_data_root
 
 SOURCES = ("glyph", "sinusoid", "omniglot")
 # Transfer baselines (Chen et al. 2019): their pre-training classifier needs the number of training classes.
@@ -52,7 +52,11 @@ def build_episodes(cfg: Config, split: str, data_root: Optional[str] = None) -> 
         source = _omniglot_source(cfg, split, data_root)
     else:
         raise ConfigError(f"data.source must be one of {', '.join(SOURCES)}, got {d.source!r}")
-    return data.EpisodeSampler(source, d.n_way, d.k_shot, d.q_query, seed=seed)
+    ways, shots = d.n_way, d.k_shot
+    if split == d.train_split:  # mixed-size training episodes where asked; evaluation keeps the fixed shape
+        ways = tuple(d.train_ways) if d.train_ways is not None else ways
+        shots = tuple(d.train_shots) if d.train_shots is not None else shots
+    return data.EpisodeSampler(source, ways, shots, d.q_query, seed=seed)
 
 
 OMNIGLOT_SCHEMES = ("vinyals", "alphabets")
@@ -159,7 +163,7 @@ def build_model(cfg: Config) -> nn.Module:
         if regression:
             kw.update(d_in=1, d_out=1)
         else:
-            kw.update(max_way=cfg.data.n_way)
+            kw.update(max_way=max_ways(cfg.data))
         kw.update(cfg.model.options)
         try:
             mcfg = models.MetaTransformerConfig(**kw)
@@ -169,7 +173,7 @@ def build_model(cfg: Config) -> nn.Module:
     if name in HEADS:
         heads = _import("metaformer.heads", f"model.name={name}")
         backbone = build_backbone(cfg)
-        kw = {"kind": "regression", "n_out": 1} if regression else {"n_way": cfg.data.n_way}
+        kw = {"kind": "regression", "n_out": 1} if regression else {"n_way": max_ways(cfg.data)}
         kw.update(cfg.model.options)
         if name in PRETRAINED_HEADS and not regression and "num_classes" not in kw:
             kw["num_classes"] = training_classes(cfg)
