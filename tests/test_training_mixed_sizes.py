@@ -9,7 +9,8 @@ import pytest
 
 from training.checkpoint import CheckpointError
 from training.config import ConfigError, load_config, max_ways
-from training.eval_cli import evaluate_checkpoints
+from training.eval_cli import evaluate_checkpoints, load_model
+from training.evaluation import predict
 from training.registry import build_episodes
 from training.trainer import Trainer, train
 
@@ -43,8 +44,16 @@ def test_a_mixed_size_run_trains_and_evaluates_at_fewer_ways(tmp_path: Path, mod
     res = train(cfg)
     assert res.step == 3 and math.isfinite(res.metrics["loss"])
     # Evaluated on 2-way episodes: the 5-way model is kept as trained, the unused classes masked per task.
-    [r] = evaluate_checkpoints([tmp_path], load_config(TINY, [*opts, "data.n_way=2", "eval.episodes=6"]), progress=False)
-    assert r.episodes == 6 and 0.0 <= r.mean <= 1.0
+    cfg2 = load_config(TINY, [*opts, "data.n_way=2", "eval.episodes=6"])
+    [r] = evaluate_checkpoints([tmp_path], cfg2, progress=False)
+    assert r.episodes == 6
+    # Same weights as trained, and no prediction names one of the 3 classes these episodes do not have.
+    model, _ = load_model(tmp_path)
+    batch = build_episodes(cfg2, cfg2.eval.split).batch(0, 6)
+    pred = predict(model, batch).argmax(-1)
+    assert bool((pred[batch.query_mask] < 2).all())
+    hand = ((pred == batch.query_y) & batch.query_mask).sum(1).double() / batch.query_mask.sum(1).double()
+    assert r.per_episode == pytest.approx(hand.tolist(), abs=1e-12)
     with pytest.raises(CheckpointError, match=r"at most 5 ways.*asks for 7"):
         evaluate_checkpoints([tmp_path], load_config(TINY, [*opts, "data.n_way=7", "eval.episodes=6"]), progress=False)
 
