@@ -93,6 +93,25 @@ class SequentialBackbone(nn.Module):
         return self.seq(x)
 
 
+def initial_setup(config: str, seed: int) -> tuple[nn.Sequential, list[torch.Tensor]]:
+    """The network at its initial weights and the meta-batch that every implementation of a setup gets."""
+    torch.manual_seed(seed)
+    model = build_peer_model(config)
+    return model, make_batch(config, CONFIGS[config]["meta_batch"], torch.Generator().manual_seed(seed + 1))
+
+
+def episode_batch(config: str, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor, yq: torch.Tensor) -> Any:
+    """The meta-batch as the EpisodeBatch that metaformer's heads take (every task full, no padding)."""
+    from metaformer.data import EpisodeBatch
+
+    t = xs.shape[0]
+    reg = config == "sinusoid"
+    return EpisodeBatch(xs, ys, torch.ones(ys.shape[:2], dtype=torch.bool), xq, yq,
+                        torch.ones(yq.shape[:2], dtype=torch.bool),
+                        torch.full((t,), 0 if reg else CONFIGS["omniglot"]["n_way"], dtype=torch.int64),
+                        [[] if reg else [str(i) for i in range(CONFIGS["omniglot"]["n_way"])] for _ in range(t)])
+
+
 def build_our_head(config: str, peer: nn.Sequential, steps: int, first_order: bool, path: str) -> tuple[Any, dict[str, str]]:
     """A metaformer MAML head on the peers' network with the peers' weights; returns (head, our->peer names)."""
     from metaformer.heads import MAML
@@ -121,7 +140,6 @@ def maxrss_mib() -> float:
 
 def run_our_cell(a: argparse.Namespace) -> dict:
     """Child: meta-gradient, warm-up and timed meta-train steps of a metaformer head."""
-    from metaformer.data import EpisodeBatch
     from metaformer.ops import backend
 
     torch.set_num_threads(a.threads)
@@ -134,11 +152,7 @@ def run_our_cell(a: argparse.Namespace) -> dict:
     head.to(dtype)
     xs, ys, xq, yq = (b.to(dtype) if b.is_floating_point() else b for b in shared["batch"])
     t = xs.shape[0]
-    reg = a.config == "sinusoid"
-    batch = EpisodeBatch(xs, ys, torch.ones(ys.shape[:2], dtype=torch.bool), xq, yq,
-                         torch.ones(yq.shape[:2], dtype=torch.bool),
-                         torch.full((t,), 0 if reg else CONFIGS["omniglot"]["n_way"], dtype=torch.int64),
-                         [[] if reg else [str(i) for i in range(5)] for _ in range(t)])
+    batch = episode_batch(a.config, xs, ys, xq, yq)
     res = dict(config=a.config, impl=a.impl, steps=a.steps, order=a.order, meta_batch=t,
                threads=torch.get_num_threads(), info={"ops_backend": backend(), "path": head.resolve_path(xs)})
     opt = torch.optim.Adam(head.parameters(), lr=1e-3)
@@ -202,12 +216,9 @@ def main_parent(a: argparse.Namespace) -> None:
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench_meta_train_") as tmp:
         for config in a.configs.split(","):
-            num_tasks = CONFIGS[config]["meta_batch"]
-            torch.manual_seed(a.seed)
-            model = build_peer_model(config)
+            model, batch = initial_setup(config, a.seed)
             shared = os.path.join(tmp, f"{config}.pt")
-            torch.save({"init": model.state_dict(), "batch": make_batch(config, num_tasks, torch.Generator().manual_seed(a.seed + 1))},
-                       shared)
+            torch.save({"init": model.state_dict(), "batch": batch}, shared)
             for steps in [int(s) for s in a.steps_list.split(",")]:
                 for order in a.orders.split(","):
                     grads, ref64 = {}, None

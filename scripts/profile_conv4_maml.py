@@ -55,18 +55,10 @@ def family(name: str) -> str:
 
 
 def build(seed: int) -> tuple[torch.nn.Module, EpisodeBatch]:
-    """The benchmark's MAML head (loop path, 1 step, second order) and its meta-batch of 32 tasks."""
-    torch.manual_seed(seed)
-    peer = bench.build_peer_model("omniglot")
+    """The benchmark's MAML head (loop path, 1 step, second order) on its initial weights and meta-batch."""
+    peer, (xs, ys, xq, yq) = bench.initial_setup("omniglot", seed)
     head, _ = bench.build_our_head("omniglot", peer, 1, False, "loop")
-    gen = torch.Generator().manual_seed(seed)
-    xs, ys, xq, yq = bench.make_batch("omniglot", bench.CONFIGS["omniglot"]["meta_batch"], gen)
-    t = xs.shape[0]
-    n = bench.CONFIGS["omniglot"]["n_way"]
-    batch = EpisodeBatch(xs, ys, torch.ones(ys.shape[:2], dtype=torch.bool), xq, yq,
-                         torch.ones(yq.shape[:2], dtype=torch.bool), torch.full((t,), n),
-                         [[str(i) for i in range(n)] for _ in range(t)])
-    return head, batch
+    return head, bench.episode_batch("omniglot", xs, ys, xq, yq)
 
 
 def meta_grad(head: torch.nn.Module, batch: EpisodeBatch, bf16: bool) -> tuple[float, torch.Tensor]:
