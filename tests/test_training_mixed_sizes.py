@@ -73,4 +73,3 @@ def test_sinusoid_refuses_size_ranges() -> None:
     sin = TINY.parent / "sinusoid.yaml"
     with pytest.raises(ConfigError, match="sinusoid family draws a fixed K"):
         load_config(sin, ["data.train_shots=[5, 10]"])
-

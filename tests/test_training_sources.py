@@ -99,6 +99,7 @@ def test_fp16_overflow_is_skipped_by_the_scaler_not_reported_as_nan(tmp_path: Pa
     assert trainer.scaler.get_scale() == 2.0**119  # backed off once
     assert all(torch.equal(a, p.detach()) for a, p in zip(before, trainer.params))  # the overflowing step was not applied
 
+
 def test_bf16_on_a_cpu_without_native_bf16_warns_with_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Without AVX-512 BF16/AMX, bf16 convolutions take ATen's slow fallback: the user is told, with the fix."""
     monkeypatch.setattr(trainer_module, "cpu_has_fast_bf16", lambda: False)
