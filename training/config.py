@@ -92,6 +92,9 @@ class TrainConfig:
     tensorboard: bool = True
     init_from: Optional[str] = None  # warm start: run or step folder of another `metaformer train` run
     init_rename: dict = field(default_factory=dict)  # prefix renames of the source's tensor names, e.g. {"net.": ""}
+    # Train on features embedded once when the backbone is frozen (training.feature_cache): null = whenever
+    # possible, true = required (an error says why not), false = never.
+    feature_cache: Optional[bool] = None
 
 
 @dataclass
@@ -133,7 +136,7 @@ RESUME_MUTABLE_KEYS = frozenset(
         "name", "out_dir", "data.root", "data.num_workers",
         "train.steps", "train.log_every", "train.val_every", "train.val_episodes", "train.ckpt_every",
         "train.keep_last", "train.max_minutes", "train.progress", "train.tensorboard", "train.device",
-        "train.num_threads", "train.max_skips",
+        "train.num_threads", "train.max_skips", "train.feature_cache",
     }
 )
 RESUME_MUTABLE_PREFIXES = ("eval.",)

@@ -172,6 +172,26 @@ class Trainer:
             self.wrapped = LossModule(self.model)
         self.train_episodes = build_episodes(cfg, cfg.data.train_split, data_root)
         self._val_episodes = None
+        # the module whose loss a training step differentiates: the model, or its view on cached features
+        self.step_model: nn.Module = self.model
+        self._setup_feature_cache()
+
+    def _setup_feature_cache(self) -> None:
+        """With a frozen backbone, embed the training split once and train on its features (train.feature_cache)."""
+        from training.feature_cache import cache_blocker, cached_episodes
+
+        wanted = self.cfg.train.feature_cache
+        if wanted is False:
+            return
+        blocker = cache_blocker(self.model, self.train_episodes, self.info.world_size)
+        if blocker is not None:
+            if wanted:
+                raise ConfigError(f"train.feature_cache=true, but the training split cannot be cached: {blocker}; "
+                                  "set train.feature_cache=null (cache when possible) or false")
+            return
+        self.train_episodes = cached_episodes(self.model, self.train_episodes, self.device, progress=self.info.is_main)
+        self.step_model = self.model.feature_view()
+        self.wrapped = LossModule(self.step_model)
 
     # ------------------------------------------------------------------ checkpoints
     def _load_latest(self) -> bool:
@@ -237,6 +257,7 @@ class Trainer:
             res = evaluate(self.model, self._val_episodes, self.cfg.train.val_episodes, self.cfg.eval.batch_tasks,
                            self.device, name="val")
         self.model.train()
+        self.step_model.train()
         return {f"val_{res.metric}": res.mean}
 
     # ------------------------------------------------------------------ loop
@@ -268,6 +289,7 @@ class Trainer:
 
             bar = tqdm(total=t.steps, initial=self.step, desc=cfg.name, unit="step", dynamic_ncols=True)
         self.model.train()
+        self.step_model.train()
         t_start = time.perf_counter()
         t_window, steps_window = t_start, 0
         steps_done, last_ckpt, consecutive_skips = 0, None, 0
@@ -358,7 +380,7 @@ class Trainer:
 
     def _backward(self, batch: Any, scale: float) -> tuple[Tensor, dict[str, float]]:
         """Forward + backward of one meta-batch with the loss scaled by `scale`; returns (detached loss, metrics)."""
-        model = self.model
+        model = self.step_model
         if self._uses_pseudo_gradient():
             loss, metrics = model.meta_backward(batch, scale=scale)
             if self.info.enabled:

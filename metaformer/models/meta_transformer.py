@@ -52,6 +52,10 @@ class MetaTransformerConfig:
     label_code_seed: int = 0
     d_in: int = 1
     d_out: int = 1
+    # A frozen backbone stays in eval mode (BatchNorm keeps its running statistics) and gets no
+    # gradient: the CAML recipe (a pre-trained feature extractor, only the in-context learner trains),
+    # and what lets the trainer embed a data set once and train on cached features.
+    freeze_backbone: bool = False
 
     def __post_init__(self) -> None:
         if self.task not in _TASKS:
@@ -76,6 +80,8 @@ class MetaTransformerConfig:
                 f"label_code='fixed' needs d_model >= max_way for a simplex code of max_way={self.max_way} "
                 f"equal-norm vectors, got d_model={self.d_model}; raise d_model or use label_code='learned'"
             )
+        if not isinstance(self.freeze_backbone, bool):
+            raise ValueError(f"MetaTransformerConfig.freeze_backbone must be true or false, got {self.freeze_backbone!r}")
         if not isinstance(self.backbone_kwargs, dict):
             raise ValueError(f"MetaTransformerConfig.backbone_kwargs must be a dict, got {type(self.backbone_kwargs).__name__}")
         try:
@@ -202,6 +208,10 @@ class MetaTransformer(nn.Module):
                 kwargs.setdefault("in_dim", config.d_in)
             backbone = build_backbone(config.backbone, **kwargs)
         self.backbone = backbone
+        if config.freeze_backbone:
+            for p in backbone.parameters():
+                p.requires_grad_(False)
+            backbone.eval()
         d = config.d_model
         # BatchNorm1d removes the component all examples share (post-ReLU pooled features have cosine
         # ~0.9 between unrelated images, which stalls learning to match queries to support); the
@@ -229,10 +239,43 @@ class MetaTransformer(nn.Module):
         self.norm = nn.LayerNorm(d)
         self.head = nn.Linear(d, d if config.task == "classification" else config.d_out)
 
+    @property
+    def backbone_frozen(self) -> bool:
+        """True when the backbone's features are a fixed function of the input (config.freeze_backbone or a frozen encoder)."""
+        return self.config.freeze_backbone or bool(getattr(self.backbone, "frozen", False))
+
+    def train(self, mode: bool = True) -> "MetaTransformer":
+        """Set train/eval mode; a frozen backbone (config.freeze_backbone) always stays in eval mode."""
+        super().train(mode)
+        if self.config.freeze_backbone:
+            self.backbone.eval()
+        return self
+
+    def feature_view(self) -> "MetaTransformer":
+        """This model reading precomputed backbone features [B, out_dim] as its inputs, sharing every other module.
+
+        Parameters and buffers are the very same tensors, so training the view trains this model; only
+        valid for a frozen backbone, whose features do not change while the rest trains.
+        """
+        if not self.backbone_frozen:
+            raise ValueError("feature_view needs a frozen backbone (MetaTransformerConfig.freeze_backbone=True or a "
+                             "frozen encoder): a trainable backbone's features change at every step")
+        from metaformer.models.hf_encoder import FeatureIdentity
+
+        view = object.__new__(type(self))
+        view.__dict__.update(self.__dict__)
+        view._modules = dict(self._modules)  # a new dict: replacing the backbone must not touch this model
+        view._modules["backbone"] = FeatureIdentity(backbone_out_dim(self.backbone))
+        return view
+
     # ----------------------------------------------------------------------------------------- forward
     def embed(self, x: Tensor | list) -> Tensor:
         """Backbone features of a flat batch of examples (tensor [B, ...] or list of B strings) -> [B, out_dim]."""
-        feats = self.backbone(x)
+        if self.config.freeze_backbone:
+            with torch.no_grad():
+                feats = self.backbone(x)
+        else:
+            feats = self.backbone(x)
         if not isinstance(feats, Tensor) or feats.dim() != 2:
             shape = tuple(feats.shape) if isinstance(feats, Tensor) else type(feats).__name__
             raise ValueError(f"backbone must return [B, out_dim] features, got {shape}")
