@@ -83,9 +83,15 @@ def embed_items(encoder: nn.Module, items: Any, batch_size: int = 64) -> Tensor:
     n = len(items) if isinstance(items, (list, tuple)) else int(items.shape[0])
     if n == 0:
         raise ValueError("no items to embed")
+    # image tensors go to the encoder's device one batch at a time (a data set may not fit on it); text
+    # encoders tokenise onto their own device
+    param = next(encoder.parameters(), None)
     out = []
     for start in range(0, n, batch_size):
-        out.append(encoder(items[start:start + batch_size]))
+        chunk = items[start:start + batch_size]
+        if isinstance(chunk, Tensor) and param is not None:
+            chunk = chunk.to(param.device)
+        out.append(encoder(chunk))
     return torch.cat(out)
 
 

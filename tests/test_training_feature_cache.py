@@ -10,12 +10,11 @@ import torch
 from torch import nn
 
 import training.trainer as trainer_mod
-from metaformer.data import EpisodeBatch, EpisodeSampler, GlyphFamily, TensorClassSource
+from metaformer.data import EpisodeSampler, GlyphFamily, TensorClassSource
 from metaformer.inference import feature_source
 from metaformer.models import MetaTransformer, MetaTransformerConfig
 from training.checkpoint import read_checkpoint
 from training.config import ConfigError, load_config
-from training.registry import build_episodes
 from training.trainer import Trainer
 
 TINY = Path(__file__).resolve().parents[1] / "training" / "configs" / "tiny.yaml"

@@ -15,25 +15,10 @@ import time
 from typing import Any, Optional
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 # Above this many training items (a procedural family has 2**31 per class) there is nothing to cache.
 MAX_CACHED_ITEMS = 5_000_000
-
-
-class _OnDevice(nn.Module):
-    """Runs the backbone on its device and returns CPU features (the cache lives in host memory)."""
-
-    def __init__(self, backbone: nn.Module, device: torch.device) -> None:
-        """Wrap ``backbone`` (already on ``device``)."""
-        super().__init__()
-        self.backbone, self.device = backbone, device
-
-    def forward(self, x: Tensor | list) -> Tensor:
-        """Features of a flat batch of items, on the CPU."""
-        if isinstance(x, Tensor):
-            x = x.to(self.device)
-        return self.backbone(x).float().cpu()
 
 
 def cache_blocker(model: nn.Module, episodes: Any, world_size: int) -> Optional[str]:
@@ -53,20 +38,15 @@ def cache_blocker(model: nn.Module, episodes: Any, world_size: int) -> Optional[
     return None
 
 
-def cached_episodes(model: nn.Module, episodes: Any, device: torch.device, batch_size: int = 512,
-                    progress: bool = False) -> Any:
+def cached_episodes(model: nn.Module, episodes: Any, batch_size: int = 512, progress: bool = False) -> Any:
     """An EpisodeSampler over the frozen backbone's features of ``episodes.source``: same N, K, Q, seed and indices."""
     from metaformer.data.sampler import EpisodeSampler
     from metaformer.inference import feature_source
 
     source = episodes.source
-    encoder = _OnDevice(model.backbone, device).eval()
     t0 = time.perf_counter()
-    was_training = model.training
-    try:
-        feats = feature_source(encoder, source, batch_size=batch_size)
-    finally:
-        model.train(was_training)
+    # on the backbone's device, in eval mode (a frozen backbone's only mode); the features land in host memory
+    feats = feature_source(model.backbone, source, batch_size=batch_size)
     if progress:
         print(f"feature cache: {source.num_classes} classes, {int(feats.items.shape[0])} items embedded once "
               f"({tuple(feats.items.shape[1:])} features) in {time.perf_counter() - t0:.1f} s", flush=True)

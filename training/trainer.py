@@ -189,7 +189,7 @@ class Trainer:
                 raise ConfigError(f"train.feature_cache=true, but the training split cannot be cached: {blocker}; "
                                   "set train.feature_cache=null (cache when possible) or false")
             return
-        self.train_episodes = cached_episodes(self.model, self.train_episodes, self.device, progress=self.info.is_main)
+        self.train_episodes = cached_episodes(self.model, self.train_episodes, progress=self.info.is_main)
         self.step_model = self.model.feature_view()
         self.wrapped = LossModule(self.step_model)
 

@@ -271,10 +271,7 @@ class MetaTransformer(nn.Module):
     # ----------------------------------------------------------------------------------------- forward
     def embed(self, x: Tensor | list) -> Tensor:
         """Backbone features of a flat batch of examples (tensor [B, ...] or list of B strings) -> [B, out_dim]."""
-        if self.config.freeze_backbone:
-            with torch.no_grad():
-                feats = self.backbone(x)
-        else:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_backbone):
             feats = self.backbone(x)
         if not isinstance(feats, Tensor) or feats.dim() != 2:
             shape = tuple(feats.shape) if isinstance(feats, Tensor) else type(feats).__name__
