@@ -1,0 +1,196 @@
+#!/usr/bin/env python3
+"""Probes of the Meta-Transformer on the frozen features of a trained ProtoNet backbone (issue 4).
+
+Embeds the train / val / test splits of the ProtoNet run's data once (cached in --cache), then trains a
+Meta-Transformer (d_model 128, 4 layers, 4 heads) on 20-way 1-shot 5-query episodes of the training
+features for --minutes on one thread, and evaluates it on 1000 fixed test episodes (eval seed 2024, 15
+queries) in the four Omniglot settings. Variants, each a regulariser tried against the learner's gap
+between training and held-out accuracy:
+
+- ``--aug K``: K augmented copies of every training image (random affine: rotation up to 15 degrees,
+  scale and shear up to 0.15, shift up to 0.15 of the image), embedded once; every 5 steps each item is
+  drawn afresh from its clean view and its K copies.
+- ``--rot``: each task's features, standardised with the training split's mean and std, are turned by a
+  random orthogonal matrix (so the learner cannot key on particular feature directions).
+- ``--protores``: the logits get ``- alpha * ||q - c_k||^2`` added (ProtoNet's rule on the backbone
+  features, alpha learned, starting at 1), so the learner only learns a residual on top of ProtoNet.
+
+    .venv/bin/python scripts/frozen_feature_probes.py --protonet RUN --data-root ../shared/data \
+        --cache /tmp/feats.pt --out /tmp/probe_base
+    .venv/bin/python scripts/frozen_feature_probes.py ... --out /tmp/probe_aug8 --aug 8
+
+Writes OUT/results.json (accuracy mean and 95% CI half-width per setting, steps, validation log) and
+OUT/model.pt. Not a library feature: the results are in docs/omniglot_runs.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from metaformer.data.episodes import EpisodeBatch
+from metaformer.data.sampler import EpisodeSampler
+from metaformer.data.source import TensorClassSource
+from metaformer.inference import feature_source
+from metaformer.models.hf_encoder import FeatureIdentity
+from metaformer.models.meta_transformer import MetaTransformer, MetaTransformerConfig
+from training.eval_cli import load_model
+from training.evaluation import evaluate
+from training.registry import build_episodes
+
+
+class RandomAffine(nn.Module):
+    """Seeded random affine warp of a batch of images [B, C, H, W] (zeros outside the image)."""
+
+    def __init__(self, seed: int, strength: float = 1.0) -> None:
+        """Draw from a generator seeded with ``seed``; ``strength`` scales every range."""
+        super().__init__()
+        self.gen = torch.Generator().manual_seed(seed)
+        self.strength = strength
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Warp each image by its own rotation, scale, shear and shift."""
+        n, g, s = x.shape[0], self.gen, self.strength
+        ang = (torch.rand(n, generator=g) * 2 - 1) * math.radians(15) * s
+        scale = 1 + (torch.rand(n, generator=g) * 2 - 1) * 0.15 * s
+        shear = (torch.rand(n, generator=g) * 2 - 1) * 0.15 * s
+        shift = (torch.rand(n, 2, generator=g) * 2 - 1) * 0.15 * s
+        cos, sin = torch.cos(ang), torch.sin(ang)
+        theta = torch.zeros(n, 2, 3)
+        theta[:, 0, 0] = cos / scale
+        theta[:, 0, 1] = (-sin + shear) / scale
+        theta[:, 1, 0] = sin / scale
+        theta[:, 1, 1] = cos / scale
+        theta[:, :, 2] = shift
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        return F.grid_sample(x, grid, align_corners=False, padding_mode="zeros")
+
+
+class ProtoResidualMT(MetaTransformer):
+    """A Meta-Transformer whose logits add ProtoNet's ``-alpha * squared distance`` to the class means of its input features."""
+
+    def __init__(self, config: MetaTransformerConfig, backbone: nn.Module) -> None:
+        """Build the model with alpha = 1."""
+        super().__init__(config, backbone=backbone)
+        self.alpha = nn.Parameter(torch.ones(()))
+
+    def forward(self, batch: EpisodeBatch) -> Tensor:
+        """The Meta-Transformer's logits minus alpha times the squared distances to the class means."""
+        logits = super().forward(batch)
+        sx, qx = batch.support_x, batch.query_x
+        onehot = F.one_hot(batch.support_y.clamp(min=0), self.config.max_way).to(sx.dtype)
+        onehot = onehot * batch.support_mask[..., None]
+        protos = onehot.transpose(1, 2) @ sx / onehot.sum(1)[..., None].clamp(min=1)
+        return logits - self.alpha * torch.cdist(qx, protos) ** 2
+
+
+def split_features(protonet_run: str, data_root: str, cache: Path) -> dict[str, tuple]:
+    """Frozen backbone features, labels and class names of the run's train / val / test splits (cached)."""
+    if cache.exists():
+        return torch.load(cache)
+    proto, ckpt = load_model(protonet_run)
+    feats = {}
+    for split in ("train", "val", "test"):
+        src = build_episodes(ckpt.config, split, data_root).source
+        fs = feature_source(proto.backbone, src, batch_size=1024)
+        labels = torch.repeat_interleave(torch.arange(fs.num_classes), fs.sizes)
+        feats[split] = (fs.items, labels, [fs.class_name(c) for c in range(fs.num_classes)])
+    torch.save(feats, cache)
+    return feats
+
+
+def augmented_copies(protonet_run: str, data_root: str, clean: Tensor, k: int, strength: float, cache: Path) -> Tensor:
+    """[k + 1, N, D]: the clean training features and k embedded augmented copies (cached)."""
+    if cache.exists():
+        return torch.stack(torch.load(cache))
+    proto, ckpt = load_model(protonet_run)
+    src = build_episodes(ckpt.config, "train", data_root).source
+    copies = [clean]
+    for i in range(k):
+        enc = nn.Sequential(RandomAffine(1000 + i, strength), proto.backbone)
+        copies.append(feature_source(enc, src, batch_size=1024).items)
+    torch.save(copies, cache)
+    return torch.stack(copies)
+
+
+def main() -> None:
+    """Train one probe and write its results."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--protonet", required=True, help="run folder of a `metaformer train` ProtoNet run")
+    p.add_argument("--data-root", required=True)
+    p.add_argument("--cache", type=Path, required=True, help="file for the cached features")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--minutes", type=float, default=10.0)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--aug", type=int, default=0, help="augmented copies of the training images")
+    p.add_argument("--aug-strength", type=float, default=1.0)
+    p.add_argument("--rot", action="store_true", help="random orthogonal rotation of standardised features per task")
+    p.add_argument("--protores", action="store_true", help="add ProtoNet's logits (learned scale) to the learner's")
+    p.add_argument("--eval-every", type=int, default=1000)
+    a = p.parse_args()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    a.out.mkdir(parents=True, exist_ok=True)
+    feats = split_features(a.protonet, a.data_root, a.cache)
+    srcs = {k: TensorClassSource(v[0], v[1], v[2], name=k) for k, v in feats.items()}
+    dim = int(srcs["train"].items.shape[1])
+    copies = None
+    if a.aug:
+        aug_cache = a.cache.with_name(f"{a.cache.stem}_aug{a.aug}_s{a.aug_strength}.pt")
+        copies = augmented_copies(a.protonet, a.data_root, srcs["train"].items, a.aug, a.aug_strength, aug_cache)
+    mu, sd = srcs["train"].items.mean(0), srcs["train"].items.std(0) + 1e-6
+    train = EpisodeSampler(srcs["train"], 20, 1, 5, seed=123)
+    cfg = MetaTransformerConfig(backbone="identity", d_model=128, n_layers=4, n_heads=4, max_way=20)
+    model = (ProtoResidualMT if a.protores else MetaTransformer)(cfg, backbone=FeatureIdentity(dim))
+    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(7)
+
+    def accuracy(split: str, n: int, k: int, episodes: int = 1000, seed: int = 2024) -> tuple[float, float]:
+        """Mean and 95% CI half-width (%) on fixed episodes of a split's features."""
+        r = evaluate(model, EpisodeSampler(srcs[split], n, k, 15, seed=seed), episodes, batch_tasks=50)
+        model.train()
+        return round(100 * r.mean, 2), round(100 * r.ci95, 2)
+
+    log, step, t0 = [], 0, time.time()
+    while time.time() - t0 < a.minutes * 60:
+        if copies is not None and step % 5 == 0:
+            n = copies.shape[1]
+            pick = torch.randint(0, copies.shape[0], (n,), generator=gen)
+            srcs["train"].items = copies[pick, torch.arange(n)]
+        batch = train.batch(step * a.batch, a.batch)
+        if a.rot:
+            q, _ = torch.linalg.qr(torch.randn(len(batch), dim, dim, generator=gen))
+            sx = ((batch.support_x - mu) / sd) @ q * sd + mu
+            qx = ((batch.query_x - mu) / sd) @ q * sd + mu
+            batch = EpisodeBatch(sx, batch.support_y, batch.support_mask, qx, batch.query_y, batch.query_mask,
+                                 batch.n_way, batch.class_names)
+        loss, metrics = model.loss(batch)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+        opt.step()
+        step += 1
+        if step % 250 == 0:
+            print(f"step {step} loss {metrics['loss']:.3f} acc {metrics['accuracy']:.3f} t {time.time() - t0:.0f}",
+                  flush=True)
+        if step % a.eval_every == 0:
+            log.append({"step": step, "val20w1s": accuracy("val", 20, 1, 300, 7), "t": round(time.time() - t0)})
+            print(log[-1], flush=True)
+    torch.save(model.state_dict(), a.out / "model.pt")
+    res = {"args": {k: str(v) for k, v in vars(a).items()}, "steps": step, "train_s": time.time() - t0, "log": log}
+    for n in (5, 20):
+        for k in (1, 5):
+            res[f"mt_{n}w{k}s"] = accuracy("test", n, k)
+            print(n, k, res[f"mt_{n}w{k}s"], flush=True)
+    (a.out / "results.json").write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
