@@ -25,6 +25,7 @@ OUT/model.pt. Not a library feature: the results are in docs/omniglot_runs.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import time
@@ -37,9 +38,11 @@ from torch import Tensor, nn
 from metaformer.data.episodes import EpisodeBatch
 from metaformer.data.sampler import EpisodeSampler
 from metaformer.data.source import TensorClassSource
+from metaformer.heads.protonet import class_means
 from metaformer.inference import feature_source
 from metaformer.models.hf_encoder import FeatureIdentity
 from metaformer.models.meta_transformer import MetaTransformer, MetaTransformerConfig
+from training.config import Config
 from training.eval_cli import load_model
 from training.evaluation import evaluate
 from training.registry import build_episodes
@@ -83,37 +86,33 @@ class ProtoResidualMT(MetaTransformer):
     def forward(self, batch: EpisodeBatch) -> Tensor:
         """The Meta-Transformer's logits minus alpha times the squared distances to the class means."""
         logits = super().forward(batch)
-        sx, qx = batch.support_x, batch.query_x
-        onehot = F.one_hot(batch.support_y.clamp(min=0), self.config.max_way).to(sx.dtype)
-        onehot = onehot * batch.support_mask[..., None]
-        protos = onehot.transpose(1, 2) @ sx / onehot.sum(1)[..., None].clamp(min=1)
-        return logits - self.alpha * torch.cdist(qx, protos) ** 2
+        protos, _ = class_means(batch.support_x, batch.support_y, batch.support_mask, self.config.max_way)
+        return logits - self.alpha * torch.cdist(batch.query_x, protos) ** 2
 
 
-def split_features(protonet_run: str, data_root: str, cache: Path) -> dict[str, tuple]:
+def split_features(backbone: nn.Module | None, cfg: Config | None, data_root: str, cache: Path) -> dict[str, tuple]:
     """Frozen backbone features, labels and class names of the run's train / val / test splits (cached)."""
     if cache.exists():
         return torch.load(cache)
-    proto, ckpt = load_model(protonet_run)
     feats = {}
     for split in ("train", "val", "test"):
-        src = build_episodes(ckpt.config, split, data_root).source
-        fs = feature_source(proto.backbone, src, batch_size=1024)
+        src = build_episodes(cfg, split, data_root).source
+        fs = feature_source(backbone, src, batch_size=1024)
         labels = torch.repeat_interleave(torch.arange(fs.num_classes), fs.sizes)
         feats[split] = (fs.items, labels, [fs.class_name(c) for c in range(fs.num_classes)])
     torch.save(feats, cache)
     return feats
 
 
-def augmented_copies(protonet_run: str, data_root: str, clean: Tensor, k: int, strength: float, cache: Path) -> Tensor:
+def augmented_copies(backbone: nn.Module | None, cfg: Config | None, data_root: str, clean: Tensor, k: int, strength: float,
+                     cache: Path) -> Tensor:
     """[k + 1, N, D]: the clean training features and k embedded augmented copies (cached)."""
     if cache.exists():
         return torch.stack(torch.load(cache))
-    proto, ckpt = load_model(protonet_run)
-    src = build_episodes(ckpt.config, "train", data_root).source
+    src = build_episodes(cfg, "train", data_root).source
     copies = [clean]
     for i in range(k):
-        enc = nn.Sequential(RandomAffine(1000 + i, strength), proto.backbone)
+        enc = nn.Sequential(RandomAffine(1000 + i, strength), backbone)
         copies.append(feature_source(enc, src, batch_size=1024).items)
     torch.save(copies, cache)
     return torch.stack(copies)
@@ -138,13 +137,19 @@ def main() -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     a.out.mkdir(parents=True, exist_ok=True)
-    feats = split_features(a.protonet, a.data_root, a.cache)
+    aug_cache = a.cache.with_name(f"{a.cache.stem}_aug{a.aug}_s{a.aug_strength}.pt")
+    # the ProtoNet run is only read when a cache is missing
+    if not a.cache.exists() or (a.aug and not aug_cache.exists()):
+        proto, ckpt = load_model(a.protonet)
+        backbone, run_cfg = proto.backbone, ckpt.config
+    else:
+        backbone, run_cfg = None, None
+    feats = split_features(backbone, run_cfg, a.data_root, a.cache)
     srcs = {k: TensorClassSource(v[0], v[1], v[2], name=k) for k, v in feats.items()}
     dim = int(srcs["train"].items.shape[1])
     copies = None
     if a.aug:
-        aug_cache = a.cache.with_name(f"{a.cache.stem}_aug{a.aug}_s{a.aug_strength}.pt")
-        copies = augmented_copies(a.protonet, a.data_root, srcs["train"].items, a.aug, a.aug_strength, aug_cache)
+        copies = augmented_copies(backbone, run_cfg, a.data_root, srcs["train"].items, a.aug, a.aug_strength, aug_cache)
     mu, sd = srcs["train"].items.mean(0), srcs["train"].items.std(0) + 1e-6
     train = EpisodeSampler(srcs["train"], 20, 1, 5, seed=123)
     cfg = MetaTransformerConfig(backbone="identity", d_model=128, n_layers=4, n_heads=4, max_way=20)
@@ -169,8 +174,7 @@ def main() -> None:
             q, _ = torch.linalg.qr(torch.randn(len(batch), dim, dim, generator=gen))
             sx = ((batch.support_x - mu) / sd) @ q * sd + mu
             qx = ((batch.query_x - mu) / sd) @ q * sd + mu
-            batch = EpisodeBatch(sx, batch.support_y, batch.support_mask, qx, batch.query_y, batch.query_mask,
-                                 batch.n_way, batch.class_names)
+            batch = dataclasses.replace(batch, support_x=sx, query_x=qx)
         loss, metrics = model.loss(batch)
         opt.zero_grad()
         loss.backward()
