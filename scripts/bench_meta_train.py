@@ -113,21 +113,36 @@ def episode_batch(config: str, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Ten
 
 
 def build_our_head(config: str, peer: nn.Sequential, steps: int, first_order: bool, path: str) -> tuple[Any, dict[str, str]]:
-    """A metaformer MAML head on the peers' network with the peers' weights; returns (head, our->peer names)."""
+    """A metaformer MAML head on the peers' network with the peers' weights; returns (head, our->peer names).
+
+    Omniglot: metaformer's Conv4 (the same layers in the same order, so ``features.i`` is the peers' layer
+    ``i``), which runs each block's BatchNorm + ReLU + max-pool as the fused op; sinusoid: the peers' MLP.
+    """
     from metaformer.heads import MAML
+    from metaformer.models.backbones import Conv4
 
     last = len(peer) - 1
     body = nn.Sequential(*[peer[i] for i in range(last)])
     out_dim = peer[last].in_features
     kind = "classification" if config == "omniglot" else "regression"
     n_way = CONFIGS["omniglot"]["n_way"] if kind == "classification" else 1
-    head = MAML(SequentialBackbone(body, out_dim), n_way, kind=kind, inner_steps=steps,
-                inner_lr=CONFIGS[config]["inner_lr"], first_order=first_order, path=path)
+    if config == "omniglot":
+        backbone: nn.Module = Conv4(1, 64, 4)
+        result = backbone.features.load_state_dict(body.state_dict(), strict=False)
+        if result.unexpected_keys or any(not k.endswith(("running_mean", "running_var", "num_batches_tracked"))
+                                         for k in result.missing_keys):
+            raise RuntimeError(f"peer network does not map onto Conv4: {result}")
+        prefix = "backbone.features."
+    else:
+        backbone = SequentialBackbone(body, out_dim)
+        prefix = "backbone.seq."
+    head = MAML(backbone, n_way, kind=kind, inner_steps=steps, inner_lr=CONFIGS[config]["inner_lr"],
+                first_order=first_order, path=path)
     head.net.classifier.load_state_dict(peer[last].state_dict())
     names = {}
     for n, _ in head.net.named_parameters():
-        if n.startswith("backbone.seq."):
-            names[n] = n[len("backbone.seq."):]
+        if n.startswith(prefix):
+            names[n] = n[len(prefix):]
         else:
             names[n] = n.replace("classifier.", f"{last}.")
     return head, names

@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from metaformer.ops.bn_relu_pool import batch_norm_relu_pool
+
 from .batchnorm import PerStepBatchNorm, task_batch_norm
 
 PATHS = ("auto", "batched", "loop")
@@ -135,6 +137,16 @@ class _FastWeightMode(TorchFunctionMode):
             bias = _arg(args, kwargs, 4, "bias", None)
             eps = _arg(args, kwargs, 7, "eps", 1e-5)
             return self.bn(x, weight, bias, eps)
+        if func is batch_norm_relu_pool:
+            x = args[0]
+            weight = _arg(args, kwargs, 3, "weight", None)
+            bias = _arg(args, kwargs, 4, "bias", None)
+            eps = _arg(args, kwargs, 7, "eps", 1e-5)
+            if self.bn.per_step is None and self.num_tasks is None:
+                # transductive BatchNorm of one task: the fused op with batch statistics, no running buffers
+                self.bn.calls += 1
+                return func(x, None, None, weight, bias, True, 0.0, eps)
+            return F.max_pool2d(F.relu(self.bn(x, weight, bias, eps)), 2)
         if self.num_tasks is not None:
             if func is F.conv2d or func is F.conv1d:
                 return self._conv(func, args, kwargs)

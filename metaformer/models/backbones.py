@@ -8,6 +8,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from metaformer.ops.bn_relu_pool import batch_norm_module_relu_pool, fusable_block_tail
+
 __all__ = ["Encoder", "Conv4", "ResNet12", "MLP", "build_backbone", "BACKBONES", "backbone_out_dim"]
 
 
@@ -75,7 +77,15 @@ class Conv4(Encoder):
     def forward(self, x: Tensor) -> Tensor:
         """Map ``[B, C, H, W]`` images to ``[B, hidden]`` features."""
         _check_image_input(x, self.in_channels, "Conv4", self.num_blocks)
-        return self.features(x).mean(dim=(2, 3))
+        layers = list(self.features)
+        if len(layers) % 4:  # a features stack edited into another shape: run it as it is
+            return self.features(x).mean(dim=(2, 3))
+        for i in range(0, len(layers), 4):
+            conv, bn, act, pool = layers[i : i + 4]
+            x = conv(x)
+            # one fused op for the block's tail (see metaformer.ops.bn_relu_pool); same weights, same keys
+            x = batch_norm_module_relu_pool(bn, x) if fusable_block_tail(bn, act, pool) else pool(act(bn(x)))
+        return x.mean(dim=(2, 3))
 
 
 class _ResBlock(nn.Module):
