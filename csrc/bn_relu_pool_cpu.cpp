@@ -126,6 +126,19 @@ inline void gather_argmax(const scalar_t* go, const int8_t* code, const scalar_t
   }
 }
 
+// Σ gz and Σ gz (full - shift) over the planes of channel c, gz = grad_out at the active argmaxes: the
+// sums the backward and the double backward both start from. gz, vals: Ho*Wo scratch.
+template <typename scalar_t>
+inline void pooled_grad_sums(const scalar_t* grad_out, const int8_t* code, const scalar_t* full, const Geometry& g,
+                             int64_t c, scalar_t shift, scalar_t* gz, scalar_t* vals, double& sum_gz,
+                             double& sum_gz_val) {
+  for (int64_t n = 0; n < g.n; ++n) {
+    const int64_t plane = n * g.c + c;
+    gather_argmax(grad_out + plane * g.howo, code + plane * g.howo, full + plane * g.hw, g, gz, vals);
+    plane_dot(gz, vals, g.howo, shift, sum_gz, sum_gz_val);
+  }
+}
+
 template <typename scalar_t>
 struct ForwardArgs {
   Geometry g;
@@ -271,11 +284,7 @@ METAFORMER_CLONES void backward_channels(const BackwardArgs<scalar_t>& a, int64_
     const double mean = a.mean[c], invstd = a.invstd[c], gamma = static_cast<double>(a.weight[c]);
     const scalar_t mean_s = static_cast<scalar_t>(mean);
     double sum_gz = 0.0, sum_gz_y = 0.0;  // Σ gz, Σ gz (y - mean)
-    for (int64_t n = 0; n < g.n; ++n) {
-      const int64_t plane = n * g.c + c;
-      gather_argmax(a.grad_out + plane * g.howo, a.code + plane * g.howo, a.y + plane * g.hw, g, gz.data(), yv.data());
-      plane_dot(gz.data(), yv.data(), g.howo, mean_s, sum_gz, sum_gz_y);
-    }
+    pooled_grad_sums(a.grad_out, a.code, a.y, g, c, mean_s, gz.data(), yv.data(), sum_gz, sum_gz_y);
     const double sum_gz_xhat = sum_gz_y * invstd;
     a.grad_b[c] = static_cast<scalar_t>(sum_gz);
     a.grad_w[c] = static_cast<scalar_t>(sum_gz_xhat);
@@ -364,15 +373,8 @@ METAFORMER_CLONES void double_backward_channels(const DoubleBackwardArgs<scalar_
       sux *= s;
     }
     double gb = 0.0, gw = 0.0, sugz = 0.0, unused = 0.0;  // Σ gz, Σ gz x̂, Σ u gz
-    for (int64_t n = 0; n < g.n; ++n) {
-      const int64_t plane = n * g.c + c;
-      gather_argmax(a.grad_out + plane * g.howo, a.code + plane * g.howo, a.y + plane * g.hw, g, gz.data(), yv.data());
-      plane_dot(gz.data(), yv.data(), g.howo, mean_s, gb, gw);
-      if (has_u) {
-        gather_argmax(a.grad_out + plane * g.howo, a.code + plane * g.howo, a.u + plane * g.hw, g, gz.data(), yv.data());
-        plane_dot(gz.data(), yv.data(), g.howo, scalar_t(0), unused, sugz);
-      }
-    }
+    pooled_grad_sums(a.grad_out, a.code, a.y, g, c, mean_s, gz.data(), yv.data(), gb, gw);
+    if (has_u) pooled_grad_sums(a.grad_out, a.code, a.u, g, c, scalar_t(0), gz.data(), yv.data(), unused, sugz);
     gw *= s;
     const double ca = -gamma * s * gw / m;
     const double cb = vw - gamma * s * sux / m;
