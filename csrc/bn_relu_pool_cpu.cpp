@@ -18,126 +18,17 @@
 
 #include <cmath>
 #include <limits>
+#include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
-// The per-channel loops are compiled for AVX-512, AVX2 and baseline x86-64 and picked at load time (the
-// extension is built without -march, as torch is); elsewhere they are compiled once.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define METAFORMER_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define METAFORMER_CLONES
-#endif
+#include "pool_planes.h"
 
 namespace metaformer {
 namespace {
 
-struct Geometry {
-  int64_t n, c, h, w, ho, wo, hw, howo;
-};
-
-Geometry geometry(const at::Tensor& y) {
-  Geometry g{y.size(0), y.size(1), y.size(2), y.size(3), y.size(2) / 2, y.size(3) / 2, 0, 0};
-  g.hw = g.h * g.w;
-  g.howo = g.ho * g.wo;
-  return g;
-}
-
-void check_input(const at::Tensor& y, const char* name) {
-  TORCH_CHECK(y.device().is_cpu(), "metaformer::", name, ": expected a CPU tensor, got ", y.device());
-  TORCH_CHECK(y.dim() == 4, "metaformer::", name, ": expected input [N, C, H, W], got ", y.sizes());
-  TORCH_CHECK(y.size(0) > 0 && y.size(1) > 0 && y.size(2) >= 2 && y.size(3) >= 2, "metaformer::", name,
-              ": input ", y.sizes(), " is too small (needs N, C >= 1 and H, W >= 2 for a 2x2 pool)");
-  TORCH_CHECK(y.scalar_type() == at::kFloat || y.scalar_type() == at::kDouble, "metaformer::", name,
-              ": float32 or float64 only, got ", y.scalar_type(), " (other dtypes take the unfused path)");
-}
-
-// Offset of window position `code` (0..3, row-major in the 2x2 window) of pooled cell (i, j) in its plane.
-inline int64_t window_offset(int64_t i, int64_t j, int8_t code, int64_t w) {
-  return (2 * i + (code >> 1)) * w + 2 * j + (code & 1);
-}
-
-// Lane count of the partial sums below: independent accumulators let the compiler vectorise a reduction
-// it may not reorder itself (no -ffast-math); a plane's partial sums are then added in double.
-constexpr int kLanes = 16;
-
-// s1 += Σ (p[k] - shift), s2 += Σ (p[k] - shift)^2 over one plane.
-template <typename scalar_t>
-inline void plane_moments(const scalar_t* p, int64_t n, scalar_t shift, double& s1, double& s2) {
-  scalar_t a1[kLanes] = {}, a2[kLanes] = {};
-  int64_t k = 0;
-  for (; k + kLanes <= n; k += kLanes) {
-    for (int l = 0; l < kLanes; ++l) {
-      const scalar_t d = p[k + l] - shift;
-      a1[l] += d;
-      a2[l] += d * d;
-    }
-  }
-  double r1 = 0.0, r2 = 0.0;
-  for (int l = 0; l < kLanes; ++l) {
-    r1 += static_cast<double>(a1[l]);
-    r2 += static_cast<double>(a2[l]);
-  }
-  for (; k < n; ++k) {
-    const double d = static_cast<double>(p[k]) - static_cast<double>(shift);
-    r1 += d;
-    r2 += d * d;
-  }
-  s1 += r1;
-  s2 += r2;
-}
-
-// s1 += Σ u[k], s2 += Σ u[k] * (p[k] - shift) over n elements.
-template <typename scalar_t>
-inline void plane_dot(const scalar_t* u, const scalar_t* p, int64_t n, scalar_t shift, double& s1, double& s2) {
-  scalar_t a1[kLanes] = {}, a2[kLanes] = {};
-  int64_t k = 0;
-  for (; k + kLanes <= n; k += kLanes) {
-    for (int l = 0; l < kLanes; ++l) {
-      a1[l] += u[k + l];
-      a2[l] += u[k + l] * (p[k + l] - shift);
-    }
-  }
-  double r1 = 0.0, r2 = 0.0;
-  for (int l = 0; l < kLanes; ++l) {
-    r1 += static_cast<double>(a1[l]);
-    r2 += static_cast<double>(a2[l]);
-  }
-  for (; k < n; ++k) {
-    r1 += static_cast<double>(u[k]);
-    r2 += static_cast<double>(u[k]) * (static_cast<double>(p[k]) - static_cast<double>(shift));
-  }
-  s1 += r1;
-  s2 += r2;
-}
-
-// Gathers, for every pooled cell of one plane, grad_out where the cell is active (else 0) and the value of
-// `full` (a [H, W] plane) at the cell's argmax; contiguous copies make the reductions vectorisable.
-template <typename scalar_t>
-inline void gather_argmax(const scalar_t* go, const int8_t* code, const scalar_t* full, const Geometry& g,
-                          scalar_t* gz_out, scalar_t* val_out) {
-  for (int64_t i = 0; i < g.ho; ++i) {
-    for (int64_t j = 0; j < g.wo; ++j) {
-      const int64_t cell = i * g.wo + j;
-      const int8_t q = code[cell];
-      gz_out[cell] = q >= 0 ? go[cell] : scalar_t(0);
-      val_out[cell] = full[window_offset(i, j, static_cast<int8_t>(q & 3), g.w)];  // q = -1 reads a valid spot
-    }
-  }
-}
-
-// Σ gz and Σ gz (full - shift) over the planes of channel c, gz = grad_out at the active argmaxes: the
-// sums the backward and the double backward both start from. gz, vals: Ho*Wo scratch.
-template <typename scalar_t>
-inline void pooled_grad_sums(const scalar_t* grad_out, const int8_t* code, const scalar_t* full, const Geometry& g,
-                             int64_t c, scalar_t shift, scalar_t* gz, scalar_t* vals, double& sum_gz,
-                             double& sum_gz_val) {
-  for (int64_t n = 0; n < g.n; ++n) {
-    const int64_t plane = n * g.c + c;
-    gather_argmax(grad_out + plane * g.howo, code + plane * g.howo, full + plane * g.hw, g, gz, vals);
-    plane_dot(gz, vals, g.howo, shift, sum_gz, sum_gz_val);
-  }
-}
+using namespace planes;
 
 template <typename scalar_t>
 struct ForwardArgs {
@@ -152,96 +43,44 @@ struct ForwardArgs {
   double eps;
 };
 
-// max_pool2d's rule: the first maximum in row-major window order wins, NaN propagates; relu then clamps.
-// Branchy and NaN-aware: used for a channel whose statistics or affine factors are not finite.
-template <typename scalar_t>
-inline void pool_cell_careful(const scalar_t z[4], scalar_t& out, int8_t& code) {
-  scalar_t best = z[0];
-  int8_t at = 0;
-  for (int8_t q = 1; q < 4; ++q) {
-    if (std::isnan(best)) break;
-    if (z[q] > best || std::isnan(z[q])) {
-      best = z[q];
-      at = q;
-    }
-  }
-  const bool keep = best > scalar_t(0) || std::isnan(best);
-  out = keep ? best : scalar_t(0);
-  code = keep ? at : int8_t(-1);
-}
-
-// Pooling of one plane of finite values with an even width, in vectorisable loops: (1) the max of each
-// horizontal pair, which for an even width are the flat pairs (2k, 2k+1) of the plane (left wins ties);
-// (2) the max of the two rows of each window (top wins ties) = the first maximum in row-major order, as in
-// max_pool2d; then relu (code -1 where the output is 0). h, hb: H*W/2 scratch; code32: Ho*Wo scratch.
-template <typename scalar_t>
-inline void pool_plane_even(const scalar_t* plane, const Geometry& g, scalar_t scale, scalar_t offs, scalar_t* out,
-                            int8_t* code, scalar_t* h, int32_t* hb, int32_t* code32) {
-  const int64_t pairs = g.hw / 2;
-  for (int64_t k = 0; k < pairs; ++k) {
-    const scalar_t z0 = plane[2 * k] * scale + offs, z1 = plane[2 * k + 1] * scale + offs;
-    const bool right = z1 > z0;
-    h[k] = right ? z1 : z0;
-    hb[k] = right ? 1 : 0;
-  }
-  for (int64_t i = 0; i < g.ho; ++i) {
-    const scalar_t* h0 = h + 2 * i * g.wo;
-    const scalar_t* h1 = h0 + g.wo;
-    const int32_t* b0 = hb + 2 * i * g.wo;
-    const int32_t* b1 = b0 + g.wo;
-    scalar_t* orow = out + i * g.wo;
-    int32_t* crow = code32 + i * g.wo;
-    for (int64_t j = 0; j < g.wo; ++j) {
-      const bool bottom = h1[j] > h0[j];
-      const scalar_t best = bottom ? h1[j] : h0[j];
-      const int32_t at = bottom ? 2 + b1[j] : b0[j];
-      const bool keep = best > scalar_t(0);
-      orow[j] = keep ? best : scalar_t(0);
-      crow[j] = keep ? at : -1;
-    }
-  }
-  for (int64_t k = 0; k < g.howo; ++k) code[k] = static_cast<int8_t>(code32[k]);
-}
-
 template <typename scalar_t>
 METAFORMER_CLONES void forward_channels(const ForwardArgs<scalar_t>& a, int64_t c0, int64_t c1) {
   const Geometry& g = a.g;
   const double m = static_cast<double>(g.n * g.hw);
-  std::vector<scalar_t> h(g.hw / 2 + 1);
-  std::vector<int32_t> hb(g.hw / 2 + 1), code32(g.howo);
+  const int64_t nc = c1 - c0;
+  std::vector<double> s1(nc, 0.0), s2(nc, 0.0);
+  std::vector<scalar_t> shift(nc), scale(nc), offs(nc);
+  std::vector<char> finite(nc);
+  // shifted one-pass sums: the shift (a channel's first element) keeps E[d^2] - E[d]^2 free of cancellation
+  for (int64_t c = c0; c < c1; ++c) shift[c - c0] = a.y[c * g.hw];
+  for (int64_t n = 0; n < g.n; ++n) {
+    for (int64_t c = c0; c < c1; ++c) {
+      plane_moments(a.y + (n * g.c + c) * g.hw, g.hw, shift[c - c0], s1[c - c0], s2[c - c0]);
+    }
+  }
   for (int64_t c = c0; c < c1; ++c) {
-    // shifted one-pass sums: the shift (first element) keeps E[d^2] - E[d]^2 free of cancellation
-    const scalar_t shift_s = a.y[c * g.hw];
-    double s1 = 0.0, s2 = 0.0;
-    for (int64_t n = 0; n < g.n; ++n) plane_moments(a.y + (n * g.c + c) * g.hw, g.hw, shift_s, s1, s2);
-    const double dm = s1 / m;
-    const double var = std::max(s2 / m - dm * dm, 0.0);
-    const double mean = static_cast<double>(shift_s) + dm;
+    const int64_t k = c - c0;
+    const double dm = s1[k] / m;
+    const double var = std::max(s2[k] / m - dm * dm, 0.0);
+    const double mean = static_cast<double>(shift[k]) + dm;
     const double invstd = 1.0 / std::sqrt(var + a.eps);
     a.mean[c] = mean;
     a.invstd[c] = invstd;
     const double gamma = static_cast<double>(a.weight[c]);
-    const scalar_t scale = static_cast<scalar_t>(gamma * invstd);
-    const scalar_t offs = static_cast<scalar_t>(static_cast<double>(a.bias[c]) - mean * gamma * invstd);
-    const bool finite = std::isfinite(s1) && std::isfinite(s2) && std::isfinite(static_cast<double>(scale)) &&
-                        std::isfinite(static_cast<double>(offs));
-    for (int64_t n = 0; n < g.n; ++n) {
+    scale[k] = static_cast<scalar_t>(gamma * invstd);
+    offs[k] = static_cast<scalar_t>(static_cast<double>(a.bias[c]) - mean * gamma * invstd);
+    finite[k] = std::isfinite(s1[k]) && std::isfinite(s2[k]) && std::isfinite(static_cast<double>(scale[k])) &&
+                std::isfinite(static_cast<double>(offs[k]));
+  }
+  std::vector<scalar_t> h(g.hw / 2 + 1);
+  std::vector<int32_t> hb(g.hw / 2 + 1), code32(g.howo);
+  for (int64_t n = 0; n < g.n; ++n) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t k = c - c0;
       const scalar_t* plane = a.y + (n * g.c + c) * g.hw;
       scalar_t* o = a.out + (n * g.c + c) * g.howo;
       int8_t* code = a.code + (n * g.c + c) * g.howo;
-      if (finite && g.w % 2 == 0) {
-        pool_plane_even(plane, g, scale, offs, o, code, h.data(), hb.data(), code32.data());
-        continue;
-      }
-      for (int64_t i = 0; i < g.ho; ++i) {
-        const scalar_t* r0 = plane + 2 * i * g.w;
-        const scalar_t* r1 = r0 + g.w;
-        for (int64_t j = 0; j < g.wo; ++j) {
-          const scalar_t z[4] = {r0[2 * j] * scale + offs, r0[2 * j + 1] * scale + offs, r1[2 * j] * scale + offs,
-                                 r1[2 * j + 1] * scale + offs};
-          pool_cell_careful(z, o[i * g.wo + j], code[i * g.wo + j]);
-        }
-      }
+      pool_plane(plane, g, scale[k], offs[k], finite[k] != 0, o, code, h.data(), hb.data(), code32.data());
     }
   }
 }
@@ -279,32 +118,49 @@ template <typename scalar_t>
 METAFORMER_CLONES void backward_channels(const BackwardArgs<scalar_t>& a, int64_t c0, int64_t c1) {
   const Geometry& g = a.g;
   const double m = static_cast<double>(g.n * g.hw);
+  const int64_t nc = c1 - c0;
   std::vector<scalar_t> gz(g.howo), yv(g.howo);
+  std::vector<double> sum_gz(nc, 0.0), sum_gz_y(nc, 0.0);  // Σ gz, Σ gz (y - mean)
+  for (int64_t n = 0; n < g.n; ++n) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t plane = n * g.c + c;
+      pooled_grad_sums(a.grad_out + plane * g.howo, a.code + plane * g.howo, a.y + plane * g.hw, g,
+                       static_cast<scalar_t>(a.mean[c]), gz.data(), yv.data(), sum_gz[c - c0], sum_gz_y[c - c0]);
+    }
+  }
+  // grad_y = k*gz - k*sum_gz/M - k*x̂*sum_gz_xhat/M, written as e0 - y*e1 (+ k*gz at the argmax)
+  std::vector<scalar_t> e0(nc), e1(nc), ks(nc);
   for (int64_t c = c0; c < c1; ++c) {
+    const int64_t j = c - c0;
     const double mean = a.mean[c], invstd = a.invstd[c], gamma = static_cast<double>(a.weight[c]);
-    const scalar_t mean_s = static_cast<scalar_t>(mean);
-    double sum_gz = 0.0, sum_gz_y = 0.0;  // Σ gz, Σ gz (y - mean)
-    pooled_grad_sums(a.grad_out, a.code, a.y, g, c, mean_s, gz.data(), yv.data(), sum_gz, sum_gz_y);
-    const double sum_gz_xhat = sum_gz_y * invstd;
-    a.grad_b[c] = static_cast<scalar_t>(sum_gz);
+    const double sum_gz_xhat = sum_gz_y[j] * invstd;
+    a.grad_b[c] = static_cast<scalar_t>(sum_gz[j]);
     a.grad_w[c] = static_cast<scalar_t>(sum_gz_xhat);
-    // grad_y = k*gz - k*sum_gz/M - k*x̂*sum_gz_xhat/M, written as e0 - y*e1 (+ k*gz at the argmax)
     const double k = gamma * invstd;
-    const double e1 = k * sum_gz_xhat / m * invstd;
-    const scalar_t e0 = static_cast<scalar_t>(-k * sum_gz / m + mean * e1);
-    const scalar_t e1s = static_cast<scalar_t>(e1);
-    const scalar_t ks = static_cast<scalar_t>(k);
-    for (int64_t n = 0; n < g.n; ++n) {
+    const double e1d = k * sum_gz_xhat / m * invstd;
+    e0[j] = static_cast<scalar_t>(-k * sum_gz[j] / m + mean * e1d);
+    e1[j] = static_cast<scalar_t>(e1d);
+    ks[j] = static_cast<scalar_t>(k);
+  }
+  for (int64_t n = 0; n < g.n; ++n) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t j = c - c0;
       const int64_t plane = n * g.c + c;
       const scalar_t* yplane = a.y + plane * g.hw;
       scalar_t* gy = a.grad_y + plane * g.hw;
-      for (int64_t idx = 0; idx < g.hw; ++idx) gy[idx] = e0 - yplane[idx] * e1s;
       const scalar_t* go = a.grad_out + plane * g.howo;
       const int8_t* code = a.code + plane * g.howo;
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (simd::avx512_available()) {
+          simd::write_grad_plane_f32(yplane, go, code, g.h, g.w, e0[j], e1[j], ks[j], gy);
+          continue;
+        }
+      }
+      for (int64_t idx = 0; idx < g.hw; ++idx) gy[idx] = e0[j] - yplane[idx] * e1[j];
       for (int64_t i = 0; i < g.ho; ++i) {
-        for (int64_t j = 0; j < g.wo; ++j) {
-          const int8_t q = code[i * g.wo + j];
-          if (q >= 0) gy[window_offset(i, j, q, g.w)] += ks * go[i * g.wo + j];
+        for (int64_t jj = 0; jj < g.wo; ++jj) {
+          const int8_t q = code[i * g.wo + jj];
+          if (q >= 0) gy[window_offset(i, jj, q, g.w)] += ks[j] * go[i * g.wo + jj];
         }
       }
     }
@@ -358,61 +214,73 @@ METAFORMER_CLONES void double_backward_channels(const DoubleBackwardArgs<scalar_
   const Geometry& g = a.g;
   const double m = static_cast<double>(g.n * g.hw);
   const bool has_u = a.u != nullptr;
-  std::vector<scalar_t> gz(g.howo), yv(g.howo);
+  const int64_t nc = c1 - c0;
+  std::vector<scalar_t> gz(g.howo), yv(g.howo), mean_s(nc);
+  for (int64_t c = c0; c < c1; ++c) mean_s[c - c0] = static_cast<scalar_t>(a.mean[c]);
+  // per channel: Σ u, Σ u x̂ (still without the factor s), Σ gz, Σ gz x̂ (likewise), Σ u gz
+  std::vector<double> su(nc, 0.0), sux(nc, 0.0), gb(nc, 0.0), gw(nc, 0.0), sugz(nc, 0.0);
+  double unused = 0.0;
+  for (int64_t n = 0; n < g.n; ++n) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t j = c - c0;
+      const int64_t plane = n * g.c + c;
+      if (has_u) plane_dot(a.u + plane * g.hw, a.y + plane * g.hw, g.hw, mean_s[j], su[j], sux[j]);
+      pooled_grad_sums(a.grad_out + plane * g.howo, a.code + plane * g.howo, a.y + plane * g.hw, g, mean_s[j],
+                       gz.data(), yv.data(), gb[j], gw[j]);
+      if (has_u) {
+        pooled_grad_sums(a.grad_out + plane * g.howo, a.code + plane * g.howo, a.u + plane * g.hw, g, scalar_t(0),
+                         gz.data(), yv.data(), unused, sugz[j]);
+      }
+    }
+  }
+  struct Coef {
+    double mean, s, su, sux, vw, vb, sb, kg;
+    scalar_t e0, e1, sa;
+  };
+  std::vector<Coef> coef(nc);
   for (int64_t c = c0; c < c1; ++c) {
+    const int64_t j = c - c0;
     const double mean = a.mean[c], s = a.invstd[c], gamma = static_cast<double>(a.weight[c]);
     const double vw = a.vw ? static_cast<double>(a.vw[c]) : 0.0;
     const double vb = a.vb ? static_cast<double>(a.vb[c]) : 0.0;
-    const scalar_t mean_s = static_cast<scalar_t>(mean);
-    double su = 0.0, sux = 0.0;  // Σ u, then Σ u x̂
-    if (has_u) {
-      for (int64_t n = 0; n < g.n; ++n) {
-        const int64_t plane = n * g.c + c;
-        plane_dot(a.u + plane * g.hw, a.y + plane * g.hw, g.hw, mean_s, su, sux);
-      }
-      sux *= s;
-    }
-    double gb = 0.0, gw = 0.0, sugz = 0.0, unused = 0.0;  // Σ gz, Σ gz x̂, Σ u gz
-    pooled_grad_sums(a.grad_out, a.code, a.y, g, c, mean_s, gz.data(), yv.data(), gb, gw);
-    if (has_u) pooled_grad_sums(a.grad_out, a.code, a.u, g, c, scalar_t(0), gz.data(), yv.data(), unused, sugz);
-    gw *= s;
-    const double ca = -gamma * s * gw / m;
-    const double cb = vw - gamma * s * sux / m;
-    const double qs = gamma * (sugz - su * gb / m - sux * gw / m);
-    const double gbar = (ca * su + cb * gb) / m;
-    const double gx = (ca * sux + cb * gw) / m;
-    a.d_w[c] = static_cast<scalar_t>(s * (sugz - gb * su / m - gw * sux / m));
+    const double sxu = sux[j] * s, gwx = gw[j] * s;
+    const double ca = -gamma * s * gwx / m;
+    const double cb = vw - gamma * s * sxu / m;
+    const double qs = gamma * (sugz[j] - su[j] * gb[j] / m - sxu * gwx / m);
+    const double gbar = (ca * su[j] + cb * gb[j]) / m;
+    const double gx = (ca * sxu + cb * gwx) / m;
+    a.d_w[c] = static_cast<scalar_t>(s * (sugz[j] - gb[j] * su[j] / m - gwx * sxu / m));
     // d y = s*a*u + e0 - y*e1 (+ s*b*gz at the argmax), x̂ = (y - mean) s expanded
     const double e1 = (s * gx + qs * s * s / m) * s;
-    const scalar_t e0 = static_cast<scalar_t>(-s * gbar + mean * e1);
-    const scalar_t e1s = static_cast<scalar_t>(e1);
-    const scalar_t sa = static_cast<scalar_t>(s * ca);
-    const double sb = s * cb;
-    const double kg = gamma * s;
-    for (int64_t n = 0; n < g.n; ++n) {
+    coef[j] = Coef{mean, s, su[j], sxu, vw, vb, s * cb, gamma * s, static_cast<scalar_t>(-s * gbar + mean * e1),
+                   static_cast<scalar_t>(e1), static_cast<scalar_t>(s * ca)};
+  }
+  for (int64_t n = 0; n < g.n; ++n) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const Coef& k = coef[c - c0];
       const scalar_t* plane = a.y + (n * g.c + c) * g.hw;
       const scalar_t* u = has_u ? a.u + (n * g.c + c) * g.hw : nullptr;
       scalar_t* dy = a.d_y + (n * g.c + c) * g.hw;
       if (has_u) {
-        for (int64_t k = 0; k < g.hw; ++k) dy[k] = sa * u[k] + e0 - plane[k] * e1s;
+        for (int64_t i = 0; i < g.hw; ++i) dy[i] = k.sa * u[i] + k.e0 - plane[i] * k.e1;
       } else {
-        for (int64_t k = 0; k < g.hw; ++k) dy[k] = e0 - plane[k] * e1s;
+        for (int64_t i = 0; i < g.hw; ++i) dy[i] = k.e0 - plane[i] * k.e1;
       }
       const scalar_t* go = a.grad_out + (n * g.c + c) * g.howo;
       const int8_t* code = a.code + (n * g.c + c) * g.howo;
       scalar_t* dgo = a.d_grad_out + (n * g.c + c) * g.howo;
       for (int64_t i = 0; i < g.ho; ++i) {
-        for (int64_t j = 0; j < g.wo; ++j) {
-          const int8_t q = code[i * g.wo + j];
+        for (int64_t jj = 0; jj < g.wo; ++jj) {
+          const int8_t q = code[i * g.wo + jj];
           if (q < 0) {
-            dgo[i * g.wo + j] = scalar_t(0);
+            dgo[i * g.wo + jj] = scalar_t(0);
             continue;
           }
-          const int64_t off = window_offset(i, j, q, g.w);
-          const double xhat = (static_cast<double>(plane[off]) - mean) * s;
+          const int64_t off = window_offset(i, jj, q, g.w);
+          const double xhat = (static_cast<double>(plane[off]) - k.mean) * k.s;
           const double uk = has_u ? static_cast<double>(u[off]) : 0.0;
-          dy[off] += static_cast<scalar_t>(sb * static_cast<double>(go[i * g.wo + j]));
-          dgo[i * g.wo + j] = static_cast<scalar_t>(kg * (uk - su / m - xhat * sux / m) + vw * xhat + vb);
+          dy[off] += static_cast<scalar_t>(k.sb * static_cast<double>(go[i * g.wo + jj]));
+          dgo[i * g.wo + jj] = static_cast<scalar_t>(k.kg * (uk - k.su / m - xhat * k.sux / m) + k.vw * xhat + k.vb);
         }
       }
     }
@@ -519,7 +387,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_double_backward_cpu(
 }  // namespace
 }  // namespace metaformer
 
+namespace metaformer {
+namespace {
+// Which kernels the float32 block ops run on this CPU: "avx512" or "generic" (benchmarks record it).
+std::string cpu_kernels() { return simd::avx512_available() ? "avx512" : "generic"; }
+}  // namespace
+}  // namespace metaformer
+
 TORCH_LIBRARY_FRAGMENT(metaformer, m) {
+  m.def("cpu_kernels() -> str", &metaformer::cpu_kernels);
   m.def("bn_relu_pool(Tensor input, Tensor weight, Tensor bias, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "bn_relu_pool_backward(Tensor grad_out, Tensor input, Tensor weight, Tensor mean, Tensor invstd, Tensor code) "

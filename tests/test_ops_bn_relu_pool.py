@@ -19,6 +19,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 # even and odd sizes (odd rows/columns join the statistics but not the pooling), one image, one channel
 SHAPES = [(3, 4, 6, 6), (2, 3, 7, 5), (5, 2, 3, 3), (1, 1, 4, 2), (4, 3, 2, 8)]
+# rows of the AVX-512 kernels: Omniglot's 28 (14 pooled cells, one masked chunk), two chunks of 16 cells
+# (40, and odd 41 whose last column is in no window), a third chunk (66), odd heights; plain loads where
+# 32 floats fit in the plane, masked ones at its end
+WIDE_SHAPES = [(2, 3, 28, 28), (2, 2, 9, 41), (1, 2, 6, 66), (3, 2, 7, 40)]
 
 
 def affine(c: int, dtype: torch.dtype, seed: int) -> tuple[Tensor, Tensor]:
@@ -54,7 +58,7 @@ def test_extension_op_is_the_path_taken() -> None:
     assert not fused_available(x, None, None)
 
 
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("shape", SHAPES + WIDE_SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_forward_matches_composite(shape: tuple, dtype: torch.dtype) -> None:
     x = torch.randn(*shape, dtype=dtype, generator=torch.Generator().manual_seed(1)) * 3 + 2
@@ -71,7 +75,7 @@ def test_gradcheck_and_gradgradcheck(shape: tuple) -> None:
     assert torch.autograd.gradgradcheck(fused, (x, w, b))
 
 
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("shape", SHAPES + WIDE_SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_first_and_second_order_gradients_match_composite(shape: tuple, dtype: torch.dtype) -> None:
     g = torch.Generator().manual_seed(5)

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from metaformer.ops.bn_relu_pool import batch_norm_relu_pool
+from metaformer.ops.conv_bn_relu_pool import conv3x3_bn_relu_pool, conv_stem_bn_relu_pool, fused_stem_available
 
 from .batchnorm import PerStepBatchNorm, task_batch_norm
 
@@ -121,16 +122,33 @@ _METADATA = frozenset({"dim", "size", "numel", "__get__", "is_floating_point", "
 class _FastWeightMode(TorchFunctionMode):
     """Intercepts the ops that consume weights, to add per-task BatchNorm statistics and task-batched weights."""
 
-    def __init__(self, bn: BatchNormContext, batched_ids: frozenset[int], memory_format: Optional[torch.memory_format] = None) -> None:
-        """``batched_ids``: ids of the task-batched weight tensors of this forward pass."""
+    def __init__(self, bn: BatchNormContext, batched_ids: frozenset[int], memory_format: Optional[torch.memory_format] = None,
+                 fuse_stem: bool = False) -> None:
+        """``batched_ids``: ids of the task-batched weight tensors of this forward pass; ``fuse_stem``: the pass is
+        differentiated once at most, so a Conv-4 stem may run as the once-differentiable fused op."""
         super().__init__()
         self.memory_format = memory_format or torch.contiguous_format
         self.bn = bn
         self.num_tasks = bn.num_tasks
         self.batched_ids = batched_ids
+        self.fuse_stem = fuse_stem
 
     def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:
         kwargs = kwargs or {}
+        if func is conv_stem_bn_relu_pool:
+            x, conv_w, conv_b, running_mean, running_var, bn_w, bn_b, training, momentum, eps = args
+            if (
+                self.fuse_stem
+                and self.bn.per_step is None
+                and self.num_tasks is None
+                and fused_stem_available(x, conv_w, conv_b, bn_w, bn_b)
+            ):
+                # transductive BatchNorm of one task, as below for batch_norm_relu_pool, with the conv folded in
+                self.bn.calls += 1
+                return conv3x3_bn_relu_pool(x, conv_w, conv_b, bn_w, bn_b, eps)
+            y = self.__torch_function__(F.conv2d, types, (x, conv_w, conv_b), {"padding": 1})
+            tail = (y, running_mean, running_var, bn_w, bn_b, training, momentum, eps)
+            return self.__torch_function__(batch_norm_relu_pool, types, tail, {})
         if func is F.batch_norm:
             x = args[0]
             weight = _arg(args, kwargs, 3, "weight", None)
@@ -242,11 +260,13 @@ def functional_forward(
     per_step_bn: Optional[PerStepBatchNorm] = None,
     training: bool = True,
     memory_format: Optional[torch.memory_format] = None,
+    once_differentiable: bool = False,
 ) -> Tensor:
     """Run ``module`` on every task of ``x`` ([T, B, *item] or T lists) with its own fast weights -> [T, B, *out].
 
     ``fast[i]`` is ``[T, *shapes[i]]`` (task-batched) or ``shapes[i]`` (shared by all tasks); parameters of
-    ``module`` not named in ``names`` are used as they are.
+    ``module`` not named in ``names`` are used as they are. ``once_differentiable``: the caller never
+    differentiates this pass twice, so the loop path may run a Conv-4 stem as the fused stem op.
     """
     num_tasks = len(x) if isinstance(x, list) else x.shape[0]
     batched_flags = [f.dim() == len(s) + 1 for f, s in zip(fast, shapes)]
@@ -279,7 +299,7 @@ def functional_forward(
             if memory_format is not None and xt.dim() == 4:
                 xt = xt.contiguous(memory_format=memory_format)
         bn = BatchNormContext(per_step_bn, step, None, None, training)
-        with _FastWeightMode(bn, frozenset()):
+        with _FastWeightMode(bn, frozenset(), fuse_stem=once_differentiable):
             outs.append(torch.func.functional_call(module, params, (xt,)))
     return _pad_outputs(outs, sample_mask, x)
 

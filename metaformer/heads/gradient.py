@@ -82,7 +82,10 @@ class GradientPredictor(BatchPredictor):
 
     def __call__(self, query_x: Inputs, query_mask: Optional[Tensor] = None) -> Tensor:
         """query_x [T, Q, *item] -> [T, Q, n_out] (classes beyond n_way are -inf)."""
-        out = self.head.forward_fast(self.fast.tensors, query_x, query_mask, self.fast.step, self.path)
+        out = self.head.forward_fast(
+            self.fast.tensors, query_x, query_mask, self.fast.step, self.path,
+            once_differentiable=self.head.fused_query_stem,
+        )
         return mask_unused_classes(out, self.n_way) if self.head.kind == "classification" else out
 
 
@@ -137,6 +140,10 @@ class GradientHead(FewShotHead):
         self.path = path
         self.checkpoint = bool(checkpoint)
         self.max_grad_norm = max_grad_norm
+        # the query pass of the predictors is differentiated once (the meta-gradient), so a Conv-4 stem may run
+        # as the once-differentiable fused op there (metaformer.ops.conv_bn_relu_pool); False for
+        # higher-order gradients through the query pass
+        self.fused_query_stem = True
         bn_layers = batchnorm_modules(backbone)
         self.per_step_bn: Optional[PerStepBatchNorm] = None
         if batch_norm == "per_step":
@@ -183,15 +190,19 @@ class GradientHead(FewShotHead):
         )
 
     def forward_fast(self, fast: Sequence[Tensor], x: Inputs, mask: Optional[Tensor], step: int, path: str,
-                     feats: Optional[Inputs] = None) -> Tensor:
-        """Network output [T, B, n_out] for inputs ``x`` with fast weights ``fast`` at inner step ``step``."""
+                     feats: Optional[Inputs] = None, once_differentiable: bool = False) -> Tensor:
+        """Network output [T, B, n_out] for inputs ``x`` with fast weights ``fast`` at inner step ``step``.
+
+        ``once_differentiable``: the output's graph meets one backward at most (the query pass), which lets a
+        Conv-4 stem run as the fused stem op on the loop path.
+        """
         if feats is None:
             feats = self.features(x, mask, step, path)
         # a fast weight's own shape minus its task dim: no parameter traversal per forward pass
         shapes = [f.shape[1:] if f.dim() == len(n) + 1 else f.shape for f, n in zip(fast, self._fast_ndims)]
         return functional_forward(
             self.adapted_module, self.fast_names, fast, shapes, feats, path=path, sample_mask=mask, step=step,
-            per_step_bn=self.per_step_bn, training=self.training,
+            per_step_bn=self.per_step_bn, training=self.training, once_differentiable=once_differentiable,
         )
 
     # ------------------------------------------------------------------ inner loop

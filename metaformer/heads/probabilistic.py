@@ -71,7 +71,10 @@ class ProbabilisticPredictor(BatchPredictor):
         """Per-sample outputs [S, T, Q, n_out] (logits with classes beyond n_way at -inf, or regression outputs)."""
         outs = []
         for fast in self.samples:
-            out = self.head.forward_fast(fast.tensors, query_x, query_mask, fast.step, self.path)
+            out = self.head.forward_fast(
+                fast.tensors, query_x, query_mask, fast.step, self.path,
+                once_differentiable=self.head.fused_query_stem,
+            )
             outs.append(mask_unused_classes(out, self.n_way) if self.head.kind == "classification" else out)
         return torch.stack(outs)
 

@@ -8,7 +8,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from metaformer.ops.bn_relu_pool import batch_norm_module_relu_pool, fusable_block_tail
+from metaformer.ops.bn_relu_pool import batch_norm_module_args, batch_norm_module_relu_pool, fusable_block_tail
+from metaformer.ops.conv_bn_relu_pool import conv_stem_bn_relu_pool, is_conv_stem
 
 __all__ = ["Encoder", "Conv4", "ResNet12", "MLP", "build_backbone", "BACKBONES", "backbone_out_dim"]
 
@@ -82,9 +83,15 @@ class Conv4(Encoder):
             return self.features(x).mean(dim=(2, 3))
         for i in range(0, len(layers), 4):
             conv, bn, act, pool = layers[i : i + 4]
+            fusable = fusable_block_tail(bn, act, pool)
+            if i == 0 and fusable and is_conv_stem(conv):
+                # the whole first block as one overridable call: a MAML head's query pass runs it as one fused
+                # op (metaformer.ops.conv_bn_relu_pool); anywhere else it is the conv, then the fused tail
+                x = conv_stem_bn_relu_pool(x, conv.weight, conv.bias, *batch_norm_module_args(bn))
+                continue
             x = conv(x)
             # one fused op for the block's tail (see metaformer.ops.bn_relu_pool); same weights, same keys
-            x = batch_norm_module_relu_pool(bn, x) if fusable_block_tail(bn, act, pool) else pool(act(bn(x)))
+            x = batch_norm_module_relu_pool(bn, x) if fusable else pool(act(bn(x)))
         return x.mean(dim=(2, 3))
 
 

@@ -105,8 +105,8 @@ def fusable_block_tail(bn: nn.Module, act: nn.Module, pool: nn.Module) -> bool:
     )
 
 
-def batch_norm_module_relu_pool(bn: nn.BatchNorm2d, x: Tensor) -> Tensor:
-    """``max_pool2d(relu(bn(x)), 2)`` for an nn.BatchNorm2d module, with its running-statistics bookkeeping."""
+def batch_norm_module_args(bn: nn.BatchNorm2d) -> tuple:
+    """F.batch_norm's arguments after x for one forward of ``bn`` (counts the batch in num_batches_tracked)."""
     # the argument logic of torch.nn.modules.batchnorm._BatchNorm.forward, so buffers evolve identically
     factor = 0.0 if bn.momentum is None else bn.momentum
     if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
@@ -114,8 +114,7 @@ def batch_norm_module_relu_pool(bn: nn.BatchNorm2d, x: Tensor) -> Tensor:
         factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
     bn_training = bn.training or (bn.running_mean is None and bn.running_var is None)
     use_running = not bn.training or bn.track_running_stats
-    return batch_norm_relu_pool(
-        x,
+    return (
         bn.running_mean if use_running else None,
         bn.running_var if use_running else None,
         bn.weight,
@@ -124,6 +123,11 @@ def batch_norm_module_relu_pool(bn: nn.BatchNorm2d, x: Tensor) -> Tensor:
         factor,
         bn.eps,
     )
+
+
+def batch_norm_module_relu_pool(bn: nn.BatchNorm2d, x: Tensor) -> Tensor:
+    """``max_pool2d(relu(bn(x)), 2)`` for an nn.BatchNorm2d module, with its running-statistics bookkeeping."""
+    return batch_norm_relu_pool(x, *batch_norm_module_args(bn))
 
 
 # ---------------------------------------------------------------------------------------------- registration

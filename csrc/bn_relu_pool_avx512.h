@@ -1,0 +1,49 @@
+// AVX-512 float32 plane kernels of metaformer::bn_relu_pool (torch-free). The generic kernels in
+// bn_relu_pool_cpu.cpp spend most of their time in scalar per-cell code (a branch per pooled cell in the
+// backward scatter, short rows); these work on a row of pooled cells at a time: 16 cells = 32 input columns
+// per vector pair, deinterleaved into even and odd columns, with the window choice in mask registers.
+// Same arithmetic, in the same order, as the generic kernels (tests hold both against the composite).
+#pragma once
+
+#include <cstdint>
+
+namespace metaformer {
+namespace simd {
+
+// True where the CPU has AVX-512 F/BW/VL/DQ and METAFORMER_SIMD is not "0" (read once per process).
+bool avx512_available();
+
+// s1 += Σ (p[k] - shift), s2 += Σ (p[k] - shift)^2 over n floats: 16 float lanes, then double (the generic
+// plane_moments' exact order, so both give the same bits).
+void plane_moments_f32(const float* p, int64_t n, float shift, double& s1, double& s2);
+
+// s1 += Σ u[k], s2 += Σ u[k] * (p[k] - shift) over n floats, in the generic plane_dot's order.
+void plane_dot_f32(const float* u, const float* p, int64_t n, float shift, double& s1, double& s2);
+
+// Pooled output and 1-byte argmax code of one [h, w] plane of finite values: z = y * scale + offs, out =
+// max(0, first maximum of each 2x2 window in row-major order), code = its window position or -1 where out is 0.
+void pool_plane_f32(const float* plane, int64_t h, int64_t w, float scale, float offs, float* out, int8_t* code);
+
+// s1 += Σ gz, s2 += Σ gz * (full at the argmax - shift) over one plane's pooled cells, gz = grad_out where the
+// cell is active (code >= 0), else 0. Float lanes within the plane, double across planes (as the generic code).
+void pooled_grad_sums_f32(const float* grad_out, const int8_t* code, const float* full, int64_t h, int64_t w,
+                          float shift, double& s1, double& s2);
+
+// grad_y of one plane: e0 - y * e1 everywhere, plus k * grad_out at each active argmax.
+void write_grad_plane_f32(const float* y, const float* grad_out, const int8_t* code, int64_t h, int64_t w, float e0,
+                          float e1, float k, float* grad_y);
+
+// The conv stem (conv_bn_relu_pool_cpu.cpp), nc <= kStemBlock output channels at a time, p patch rows of hw:
+// t[c*hw + k] = Σ_i w[c*p + i] rows[i*hw + k] (i in order, fused multiply-adds: unlike the other kernels
+// here, not bit-identical to the generic code).
+constexpr int64_t kStemBlock = 4;  // register-resident rows for one input channel (p = 9); others loop
+void conv_planes_f32(const float* rows, const float* w, int64_t p, int64_t hw, int64_t nc, float* t);
+
+// acc[c*p + i] += Σ_k u[c*hw + k] rows[i*hw + k]: float lanes within the plane, double across planes.
+void rows_dot_planes_f32(const float* u, const float* rows, int64_t p, int64_t hw, int64_t nc, double* acc);
+
+// out = grad_out at each active cell's argmax, 0 everywhere else, on one [h, w] plane.
+void scatter_plane_f32(const float* grad_out, const int8_t* code, int64_t h, int64_t w, float* out);
+
+}  // namespace simd
+}  // namespace metaformer

@@ -1,0 +1,183 @@
+"""The first Conv-4 block (3x3 conv, BatchNorm with batch statistics, ReLU, 2x2 max-pool) as one op.
+
+``conv_stem_bn_relu_pool(x, conv_weight, conv_bias, running_mean, running_var, bn_weight, bn_bias, training,
+momentum, eps)`` computes ``batch_norm_relu_pool(F.conv2d(x, conv_weight, conv_bias, padding=1), ...)``. It
+dispatches through ``__torch_function__``: the gradient heads' fast-weight mode replaces it, for the query
+pass of a MAML-family head, by the fused C++ op ``metaformer::conv3x3_bn_relu_pool``, which never writes the
+full-resolution conv output: the BatchNorm statistics come from the 9x9 (27x27 for RGB) covariance of the
+image patches, and each conv-output plane is recomputed in cache where it is pooled (forward) and where the
+weight gradient needs it (backward). Called directly, it runs the two-op composite, bit for bit what Conv4
+computed before.
+
+The fused op is differentiable once: it gives the gradients of the conv weight and of the BatchNorm affine
+parameters (the conv bias gets exact zeros: with batch statistics it cancels), not of the input, and its
+backward raises under ``create_graph=True``. That is all a MAML query pass needs (its graph meets one
+backward, the meta-gradient's); set ``head.fused_query_stem = False`` for higher-order gradients through it.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import handle_torch_function, has_torch_function
+
+from ._extension import load_extension
+from .bn_relu_pool import batch_norm_relu_pool
+
+OP = "metaformer::conv3x3_bn_relu_pool"
+BACKWARD_OP = "metaformer::conv3x3_bn_relu_pool_backward"
+MAX_IN_CHANNELS = 3
+
+_EXTENSION = load_extension()
+_HAS_OP = _EXTENSION is not None and hasattr(torch.ops.metaformer, "conv3x3_bn_relu_pool")
+
+
+def conv_stem_reference(x: Tensor, conv_weight: Tensor, conv_bias: Optional[Tensor], bn_weight: Tensor,
+                        bn_bias: Tensor, eps: float = 1e-5) -> Tensor:
+    """The composite the fused stem replaces (torch ops): conv 3x3 pad 1, batch-statistics BN, ReLU, 2x2 max-pool."""
+    y = F.conv2d(x, conv_weight, conv_bias, padding=1)
+    return F.max_pool2d(F.relu(F.batch_norm(y, None, None, bn_weight, bn_bias, True, 0.0, eps)), 2)
+
+
+def fused_stem_available(x: Tensor, conv_weight: Tensor, conv_bias: Optional[Tensor], bn_weight: Optional[Tensor],
+                         bn_bias: Optional[Tensor]) -> bool:
+    """Whether ``conv3x3_bn_relu_pool`` can take these tensors (CPU, float32/64, NCHW, <= 3 channels, data input)."""
+    return (
+        _HAS_OP
+        and x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.float64)
+        and x.dim() == 4
+        and x.shape[0] > 0
+        and 1 <= x.shape[1] <= MAX_IN_CHANNELS
+        and x.shape[2] >= 2
+        and x.shape[3] >= 2
+        and not x.requires_grad  # no input gradient: the stem's input is data
+        and conv_weight.dim() == 4
+        and tuple(conv_weight.shape[1:]) == (x.shape[1], 3, 3)
+        and conv_weight.dtype == x.dtype
+        and conv_weight.device.type == "cpu"
+        and bn_weight is not None
+        and bn_bias is not None
+        and bn_weight.dtype == x.dtype
+        and bn_bias.dtype == x.dtype
+        and (conv_bias is None or conv_bias.dtype == x.dtype)
+    )
+
+
+def conv3x3_bn_relu_pool(x: Tensor, conv_weight: Tensor, conv_bias: Optional[Tensor], bn_weight: Tensor,
+                         bn_bias: Tensor, eps: float = 1e-5) -> Tensor:
+    """The fused stem with batch statistics (no running buffers); raises where ``fused_stem_available`` is False."""
+    if not fused_stem_available(x, conv_weight, conv_bias, bn_weight, bn_bias):
+        raise ValueError(
+            "conv3x3_bn_relu_pool needs the built extension, a CPU float32/float64 input [N, C<=3, H>=2, W>=2] "
+            f"that does not require grad, a [O, C, 3, 3] conv weight and BatchNorm weight and bias of the same "
+            f"dtype; got input {tuple(x.shape)} {x.dtype} on {x.device} (requires_grad={x.requires_grad}), "
+            f"conv weight {tuple(conv_weight.shape)}; use conv_stem_reference instead"
+        )
+    out, _, _, _ = torch.ops.metaformer.conv3x3_bn_relu_pool(
+        x.contiguous(), conv_weight, conv_bias, bn_weight, bn_bias, float(eps)
+    )
+    return out
+
+
+def conv_stem_bn_relu_pool(
+    x: Tensor,
+    conv_weight: Tensor,
+    conv_bias: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    bn_weight: Optional[Tensor],
+    bn_bias: Optional[Tensor],
+    training: bool,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    """``batch_norm_relu_pool(F.conv2d(x, w, b, padding=1), ...)``: the first Conv-4 block, overridable as a whole."""
+    relevant = tuple(t for t in (x, conv_weight, conv_bias, bn_weight, bn_bias) if t is not None)
+    if has_torch_function(relevant):
+        return handle_torch_function(
+            conv_stem_bn_relu_pool, relevant, x, conv_weight, conv_bias, running_mean, running_var, bn_weight,
+            bn_bias, training, momentum, eps,
+        )
+    y = F.conv2d(x, conv_weight, conv_bias, padding=1)
+    return batch_norm_relu_pool(y, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)
+
+
+def is_conv_stem(conv: nn.Module) -> bool:
+    """Whether ``conv`` is a plain 3x3, stride 1, padding 1 nn.Conv2d (what conv_stem_bn_relu_pool computes)."""
+    def pair(v: object) -> object:
+        return v if isinstance(v, tuple) else (v, v)
+
+    return (
+        type(conv) is nn.Conv2d
+        and pair(conv.kernel_size) == (3, 3)
+        and pair(conv.stride) == (1, 1)
+        and pair(conv.padding) == (1, 1)
+        and pair(conv.dilation) == (1, 1)
+        and conv.groups == 1
+        and conv.padding_mode == "zeros"
+    )
+
+
+# ---------------------------------------------------------------------------------------------- registration
+def _fake_forward(x, conv_weight, conv_bias, bn_weight, bn_bias, eps):  # noqa: ANN001, ANN202
+    """Output shapes of the fused forward, for FakeTensor tracing."""
+    n, _, h, w = x.shape
+    o = conv_weight.shape[0]
+    return (
+        x.new_empty((n, o, h // 2, w // 2)),
+        x.new_empty((o,), dtype=torch.float64),
+        x.new_empty((o,), dtype=torch.float64),
+        x.new_empty((n, o, h // 2, w // 2), dtype=torch.int8),
+    )
+
+
+def _fake_backward(grad_out, x, conv_weight, bn_weight, mean, invstd, code):  # noqa: ANN001, ANN202
+    """Output shapes of the fused backward."""
+    o = conv_weight.shape[0]
+    return conv_weight.new_empty(conv_weight.shape), x.new_empty((o,)), x.new_empty((o,))
+
+
+def _setup_forward(ctx, inputs, output) -> None:  # noqa: ANN001
+    """Keep the input, the weights and the forward's statistics and argmax code for the backward."""
+    x, conv_weight, conv_bias, bn_weight, _, _ = inputs
+    _, mean, invstd, code = output
+    ctx.mark_non_differentiable(mean, invstd, code)
+    ctx.has_conv_bias = conv_bias is not None
+    ctx.save_for_backward(x, conv_weight, bn_weight, mean, invstd, code)
+
+
+def _backward(ctx, grad_out, _gm, _gi, _gc):  # noqa: ANN001, ANN202
+    """Gradients of the conv weight and the BatchNorm affine parameters (once differentiable)."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "metaformer::conv3x3_bn_relu_pool (the fused Conv-4 stem of a MAML query pass) is differentiable "
+            "once; this backward was asked to build a graph (create_graph=True). Set "
+            "`head.fused_query_stem = False` for higher-order gradients through the query pass"
+        )
+    if ctx.needs_input_grad[0]:
+        raise RuntimeError(
+            "metaformer::conv3x3_bn_relu_pool has no input gradient (the stem's input is data); call "
+            "conv_stem_reference for an input that requires grad"
+        )
+    x, conv_weight, bn_weight, mean, invstd, code = ctx.saved_tensors
+    gw, gg, gb = torch.ops.metaformer.conv3x3_bn_relu_pool_backward(
+        grad_out.contiguous(), x, conv_weight, bn_weight, mean, invstd, code
+    )
+    # the conv bias cancels in batch-statistics BatchNorm: its gradient is exactly zero
+    g_bias = gw.new_zeros(gw.shape[0]) if ctx.has_conv_bias and ctx.needs_input_grad[2] else None
+    return None, gw, g_bias, gg, gb, None
+
+
+def register_python_parts() -> None:
+    """Attach fake kernels and the autograd formula to the C++ ops (once, after the extension loads)."""
+    torch.library.register_fake(OP)(_fake_forward)
+    torch.library.register_fake(BACKWARD_OP)(_fake_backward)
+    torch.library.register_autograd(OP, _backward, setup_context=_setup_forward)
+
+
+if _HAS_OP:
+    register_python_parts()
