@@ -276,12 +276,45 @@ def main_parent(a: argparse.Namespace) -> None:
         Path(a.json_out).write_text(json.dumps({"results": results, "total_s": total, "args": vars(a)}, indent=1))
 
 
+def cpu_kernels() -> str:
+    """Which kernels metaformer's fused Conv-4 block ops run here ("avx512", "generic", or "none" unbuilt)."""
+    try:
+        import metaformer.ops  # noqa: F401  (registers the ops)
+
+        return str(torch.ops.metaformer.cpu_kernels())
+    except (ImportError, AttributeError, RuntimeError):
+        return "none"
+
+
+def allocator_env() -> str:
+    """The glibc malloc tuning every process of the run inherits (the same for us and the peers)."""
+    keys = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+    set_ = [f"{k}={os.environ[k]}" for k in keys if k in os.environ]
+    return " ".join(set_) if set_ else "default"
+
+
+def git_commit() -> str:
+    """Short commit of the working tree (with "+dirty" when it has changes), or "unknown"."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return rev + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def format_table(results: list[dict], load_end: tuple, load_start: tuple, total: float, a: argparse.Namespace) -> str:
     """Markdown table of all cells with speed-up against the fastest peer."""
     lines = [
         f"Command: `.venv/bin/python scripts/bench_meta_train.py {' '.join(sys.argv[1:])}`  ",
-        f"torch {torch.__version__}, CPU, {a.threads} threads, warm-up 1+{a.warmup}, {a.timed} (omniglot) / {a.sine_timed} "
-        "(sinusoid) timed meta-steps (median). "
+        f"torch {torch.__version__}, CPU, {a.threads} threads, metaformer block kernels: {cpu_kernels()}, "
+        f"glibc allocator env: {allocator_env()}, git {git_commit()}, warm-up 1+{a.warmup}, {a.timed} (omniglot) / "
+        f"{a.sine_timed} (sinusoid) timed meta-steps (median). "
         f"Load average at start {tuple(round(x, 1) for x in load_start)}, end {tuple(round(x, 1) for x in load_end)}: "
         f"shared machine, use ratios. Total {total:.0f} s.",
         "",
