@@ -295,8 +295,6 @@ def allocator_env() -> str:
 
 def git_commit() -> str:
     """Short commit of the working tree (with "+dirty" when it has changes), or "unknown"."""
-    import subprocess
-
     root = Path(__file__).resolve().parents[1]
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
