@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from metaformer.ops import inner_update
+from metaformer.ops.conv_bn_relu_pool import stem_is_fast
 
 from .base import BatchPredictor, FewShotHead, Inputs
 from .batchnorm import BN_MODES, PerStepBatchNorm, batchnorm_modules
@@ -84,7 +85,7 @@ class GradientPredictor(BatchPredictor):
         """query_x [T, Q, *item] -> [T, Q, n_out] (classes beyond n_way are -inf)."""
         out = self.head.forward_fast(
             self.fast.tensors, query_x, query_mask, self.fast.step, self.path,
-            once_differentiable=self.head.fused_query_stem,
+            once_differentiable=self.head.query_stem_fused(),
         )
         return mask_unused_classes(out, self.n_way) if self.head.kind == "classification" else out
 
@@ -141,9 +142,10 @@ class GradientHead(FewShotHead):
         self.checkpoint = bool(checkpoint)
         self.max_grad_norm = max_grad_norm
         # the query pass of the predictors is differentiated once (the meta-gradient), so a Conv-4 stem may run
-        # as the once-differentiable fused op there (metaformer.ops.conv_bn_relu_pool); False for
-        # higher-order gradients through the query pass
-        self.fused_query_stem = True
+        # as the once-differentiable fused op there (metaformer.ops.conv_bn_relu_pool). None: where it is the
+        # faster (the AVX-512 kernels); True / False force it (False for higher-order gradients through the
+        # query pass)
+        self.fused_query_stem: Optional[bool] = None
         bn_layers = batchnorm_modules(backbone)
         self.per_step_bn: Optional[PerStepBatchNorm] = None
         if batch_norm == "per_step":
@@ -178,6 +180,10 @@ class GradientHead(FewShotHead):
     def default_chunk_size(self, batch: Any) -> Optional[int]:
         """Loop path: one task per backward (memory of one task's graph); batched path: the whole batch."""
         return 1 if self.resolve_path(batch.support_x) == "loop" else None
+
+    def query_stem_fused(self) -> bool:
+        """Whether the query pass runs a Conv-4 stem as the fused, once-differentiable op (see fused_query_stem)."""
+        return stem_is_fast() if self.fused_query_stem is None else bool(self.fused_query_stem)
 
     # ------------------------------------------------------------------ forward with fast weights
     def features(self, x: Inputs, mask: Optional[Tensor], step: int, path: str) -> Inputs:

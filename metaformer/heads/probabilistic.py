@@ -73,7 +73,7 @@ class ProbabilisticPredictor(BatchPredictor):
         for fast in self.samples:
             out = self.head.forward_fast(
                 fast.tensors, query_x, query_mask, fast.step, self.path,
-                once_differentiable=self.head.fused_query_stem,
+                once_differentiable=self.head.query_stem_fused(),
             )
             outs.append(mask_unused_classes(out, self.n_way) if self.head.kind == "classification" else out)
         return torch.stack(outs)

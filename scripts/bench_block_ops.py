@@ -1,0 +1,146 @@
+"""Milliseconds per call of the fused Conv-4 block ops against the torch ops they replace, on the activation
+shapes of an Omniglot 5-way 15-query task (75 images, 64 channels).
+
+Rows: ``bn_relu_pool`` (BatchNorm with batch statistics + ReLU + 2x2 max-pool) forward, backward and double
+backward on the 28x28, 14x14 and 7x7 maps against ``max_pool2d(relu(batch_norm(x)))`` and its autograd;
+the fused stem ``conv3x3_bn_relu_pool`` forward and backward on 75 28x28 images against ``F.conv2d``
+followed by the fused tail (what Conv-4's first block runs without the stem). Each block-kernel setting
+(AVX-512 where the CPU has it, and the generic loops via ``METAFORMER_SIMD=0``) runs in its own child
+process, since the choice is made once per process.
+
+Usage: .venv/bin/python scripts/bench_block_ops.py [--threads 1] [--repeats 30] [--md-out F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def timed_ms(fn, repeats: int) -> float:  # noqa: ANN001
+    """Median milliseconds of ``repeats`` calls after one warm-up call."""
+    import statistics
+
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def measure(repeats: int, threads: int) -> dict:
+    """All rows in this process: {"kernels": ..., "rows": [(name, fused ms, torch ms), ...]}."""
+    import torch
+    import torch.nn.functional as F
+
+    from metaformer.ops import batch_norm_relu_pool
+    from training.cpu_allocator import tune_cpu_allocator
+
+    torch.set_num_threads(threads)
+    tune_cpu_allocator()
+    op = torch.ops.metaformer
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    for size in (28, 14, 7):
+        x = torch.randn(75, 64, size, size, generator=g)
+        w = (torch.rand(64, generator=g) + 0.5).requires_grad_(True)
+        b = torch.randn(64, generator=g).requires_grad_(True)
+        xg = x.clone().requires_grad_(True)
+        out, mean, invstd, code = op.bn_relu_pool(x, w.detach(), b.detach(), 1e-5)
+        go = torch.randn(out.shape, generator=g)
+        u = torch.randn(x.shape, generator=g)
+
+        def composite(t):  # noqa: ANN001, ANN202
+            return F.max_pool2d(F.relu(F.batch_norm(t, None, None, w, b, True)), 2)
+
+        def composite_grads():  # noqa: ANN202
+            return torch.autograd.grad(composite(xg), (xg, w, b), go, create_graph=True)
+
+        def composite_double():  # noqa: ANN202
+            gx, gw, gb = composite_grads()
+            return torch.autograd.grad((gx * u).sum() + gw.sum() + gb.sum(), (xg, w, b), retain_graph=False)
+
+        with torch.no_grad():
+            rows.append((f"bn_relu_pool forward [75, 64, {size}, {size}]",
+                         timed_ms(lambda: op.bn_relu_pool(x, w.detach(), b.detach(), 1e-5), repeats),
+                         timed_ms(lambda: composite(x), repeats)))
+        rows.append((f"bn_relu_pool backward [75, 64, {size}, {size}]",
+                     timed_ms(lambda: op.bn_relu_pool_backward(go, x, w.detach(), mean, invstd, code), repeats),
+                     timed_ms(lambda: torch.autograd.grad(composite(xg), (xg, w, b), go), repeats)))
+        rows.append((f"bn_relu_pool double backward [75, 64, {size}, {size}] (torch: forward+backward+double)",
+                     timed_ms(lambda: op.bn_relu_pool_double_backward(u, w.detach(), b.detach(), go, x, w.detach(),
+                                                                      mean, invstd, code), repeats),
+                     timed_ms(composite_double, repeats)))
+    img = torch.rand(75, 1, 28, 28, generator=g)
+    cw = (torch.randn(64, 1, 3, 3, generator=g) * 0.3).requires_grad_(True)
+    cb = torch.randn(64, generator=g).requires_grad_(True)
+    gm = (torch.rand(64, generator=g) + 0.5).requires_grad_(True)
+    bt = torch.randn(64, generator=g).requires_grad_(True)
+    out, mean, invstd, code = op.conv3x3_bn_relu_pool(img, cw.detach(), None, gm.detach(), bt.detach(), 1e-5)
+    go = torch.randn(out.shape, generator=g)
+
+    def unfused():  # noqa: ANN202
+        return batch_norm_relu_pool(F.conv2d(img, cw, cb, padding=1), None, None, gm, bt, True)
+
+    with torch.no_grad():
+        rows.append(("stem forward [75, 1, 28, 28] -> [75, 64, 14, 14] (torch: conv2d + fused tail)",
+                     timed_ms(lambda: op.conv3x3_bn_relu_pool(img, cw.detach(), None, gm.detach(), bt.detach(), 1e-5),
+                              repeats),
+                     timed_ms(unfused, repeats)))
+    rows.append(("stem forward + backward (weight gradients)",
+                 timed_ms(lambda: torch.autograd.grad(
+                     op.conv3x3_bn_relu_pool(img, cw, cb, gm, bt, 1e-5)[0], (cw, cb, gm, bt), go), repeats),
+                 timed_ms(lambda: torch.autograd.grad(unfused(), (cw, cb, gm, bt), go), repeats)))
+    return {"kernels": str(op.cpu_kernels()), "rows": rows}
+
+
+def main() -> None:
+    """Run one child per kernel setting and print a markdown table."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--md-out", default=None)
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        print(json.dumps(measure(a.repeats, a.threads)))
+        return
+    import torch
+
+    results = {}
+    for simd in ("1", "0"):
+        env = {**os.environ, "METAFORMER_SIMD": simd, "OMP_NUM_THREADS": str(a.threads)}
+        cmd = [sys.executable, __file__, "--child", "--threads", str(a.threads), "--repeats", str(a.repeats)]
+        out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, check=True).stdout
+        res = json.loads(out.strip().splitlines()[-1])
+        results.setdefault(res["kernels"], res)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    lines = [
+        f"Command: `.venv/bin/python scripts/bench_block_ops.py {' '.join(sys.argv[1:])}`  ",
+        f"torch {torch.__version__}, {a.threads} thread(s), glibc allocator tuned, commit {commit}, "
+        f"{os.cpu_count()} CPUs, load average {tuple(round(x, 1) for x in os.getloadavg())}; median of {a.repeats} calls.",
+        "",
+        "| op | kernels | fused ms | torch ms | speed-up |",
+        "|---|---|---|---|---|",
+    ]
+    for kernels, res in results.items():
+        for name, fused, ref in res["rows"]:
+            lines.append(f"| {name} | {kernels} | {fused:.2f} | {ref:.2f} | {ref / fused:.1f}x |")
+    table = "\n".join(lines)
+    print(table)
+    if a.md_out:
+        Path(a.md_out).write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
