@@ -82,6 +82,15 @@ METAFORMER_AVX512 inline __m512 load_cells(const float* p, int64_t cnt, int64_t 
   return room >= 16 ? _mm512_maskz_mov_ps(first_lanes(cnt), _mm512_loadu_ps(p)) : _mm512_maskz_loadu_ps(first_lanes(cnt), p);
 }
 
+// Cells j0 .. j0+cnt-1 of a row (cell = i*wo + j0 of `cells` in the plane): their grad_out (0 past cnt) and
+// one mask per window position of their argmax code.
+METAFORMER_AVX512 inline __m512 load_cell_chunk(const int8_t* code, const float* grad_out, int64_t cell, int64_t cnt,
+                                               int64_t cells, __mmask16 at[4]) {
+  const __m512i q = load_codes(code + cell, cnt, cells - cell);
+  for (int pos = 0; pos < 4; ++pos) at[pos] = _mm512_cmpeq_epi32_mask(q, _mm512_set1_epi32(pos));
+  return load_cells(grad_out + cell, cnt, cells - cell);
+}
+
 METAFORMER_AVX512 inline double reduce_double(__m512 v) {
   const __m512d a = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
   const __m512d b = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
@@ -216,16 +225,11 @@ METAFORMER_AVX512 void write_grad_plane_f32(const float* y, const float* grad_ou
                                             int64_t w, float e0, float e1, float k, float* grad_y) {
   const int64_t ho = h / 2, wo = w / 2;
   const __m512 ve0 = _mm512_set1_ps(e0), ve1 = _mm512_set1_ps(e1), vk = _mm512_set1_ps(k);
-  const __m512i zero_i = _mm512_setzero_si512(), one = _mm512_set1_epi32(1), two = _mm512_set1_epi32(2),
-                three = _mm512_set1_epi32(3);
   for (int64_t i = 0; i < ho; ++i) {
     for (int64_t j0 = 0; j0 < wo; j0 += 16) {
       const int64_t cnt = wo - j0 < 16 ? wo - j0 : 16;
-      const int64_t cell = i * wo + j0;
-      const __m512i q = load_codes(code + cell, cnt, ho * wo - cell);
-      const __m512 kg = _mm512_mul_ps(vk, load_cells(grad_out + cell, cnt, ho * wo - cell));
-      const __mmask16 at[4] = {_mm512_cmpeq_epi32_mask(q, zero_i), _mm512_cmpeq_epi32_mask(q, one),
-                               _mm512_cmpeq_epi32_mask(q, two), _mm512_cmpeq_epi32_mask(q, three)};
+      __mmask16 at[4];
+      const __m512 kg = _mm512_mul_ps(vk, load_cell_chunk(code, grad_out, i * wo + j0, cnt, ho * wo, at));
       for (int r = 0; r < 2; ++r) {
         const int64_t base = (2 * i + r) * w + 2 * j0;
         __m512 add_lo, add_hi;
@@ -345,16 +349,11 @@ METAFORMER_AVX512 void rows_dot_planes_f32(const float* u, const float* rows, in
 
 METAFORMER_AVX512 void scatter_plane_f32(const float* grad_out, const int8_t* code, int64_t h, int64_t w, float* out) {
   const int64_t ho = h / 2, wo = w / 2;
-  const __m512i zero_i = _mm512_setzero_si512(), one = _mm512_set1_epi32(1), two = _mm512_set1_epi32(2),
-                three = _mm512_set1_epi32(3);
   for (int64_t i = 0; i < ho; ++i) {
     for (int64_t j0 = 0; j0 < wo; j0 += 16) {
       const int64_t cnt = wo - j0 < 16 ? wo - j0 : 16;
-      const int64_t cell = i * wo + j0;
-      const __m512i q = load_codes(code + cell, cnt, ho * wo - cell);
-      const __m512 go = load_cells(grad_out + cell, cnt, ho * wo - cell);
-      const __mmask16 at[4] = {_mm512_cmpeq_epi32_mask(q, zero_i), _mm512_cmpeq_epi32_mask(q, one),
-                               _mm512_cmpeq_epi32_mask(q, two), _mm512_cmpeq_epi32_mask(q, three)};
+      __mmask16 at[4];
+      const __m512 go = load_cell_chunk(code, grad_out, i * wo + j0, cnt, ho * wo, at);
       const __mmask16 m_lo = first_lanes(2 * cnt), m_hi = first_lanes(2 * cnt - 16);
       for (int r = 0; r < 2; ++r) {
         __m512 lo, hi;

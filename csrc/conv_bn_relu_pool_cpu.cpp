@@ -158,6 +158,21 @@ inline void rows_dot_planes(const scalar_t* u, const scalar_t* rows, int64_t p, 
   }
 }
 
+// For every image n of the batch and block of up to simd::kStemBlock channels cb .. cb+nc-1 of [c0, c1):
+// fills rows (the image's patches) and t (the block's conv planes, [nc, H*W]), then calls fn(n, cb, nc).
+template <typename scalar_t, typename Fn>
+inline void for_each_stem_block(const scalar_t* x, const scalar_t* weight, const Stem& s, int64_t c0, int64_t c1,
+                                scalar_t* rows, scalar_t* t, Fn&& fn) {
+  for (int64_t n = 0; n < s.g.n; ++n) {
+    im2col(x + n * s.cin * s.g.hw, s, rows);
+    for (int64_t cb = c0; cb < c1; cb += simd::kStemBlock) {
+      const int64_t nc = std::min(simd::kStemBlock, c1 - cb);
+      conv_planes(rows, weight + cb * s.p, s.p, s.g.hw, nc, t);
+      fn(n, cb, nc);
+    }
+  }
+}
+
 template <typename scalar_t>
 struct StemForwardArgs {
   Stem s;
@@ -174,21 +189,15 @@ template <typename scalar_t>
 METAFORMER_CLONES void stem_forward_channels(const StemForwardArgs<scalar_t>& a, int64_t c0, int64_t c1) {
   const Stem& s = a.s;
   const Geometry& g = s.g;
-  const int64_t blk = simd::kStemBlock;
-  std::vector<scalar_t> rows(s.p * g.hw), t(blk * g.hw), h(g.hw / 2 + 1);
+  std::vector<scalar_t> rows(s.p * g.hw), t(simd::kStemBlock * g.hw), h(g.hw / 2 + 1);
   std::vector<int32_t> hb(g.hw / 2 + 1), code32(g.howo);
-  for (int64_t n = 0; n < g.n; ++n) {
-    im2col(a.x + n * s.cin * g.hw, s, rows.data());
-    for (int64_t cb = c0; cb < c1; cb += blk) {
-      const int64_t nc = std::min(blk, c1 - cb);
-      conv_planes(rows.data(), a.weight + cb * s.p, s.p, g.hw, nc, t.data());
-      for (int64_t c = cb; c < cb + nc; ++c) {
-        const int64_t plane = n * g.c + c;
-        pool_plane(t.data() + (c - cb) * g.hw, g, a.scale[c], a.offs[c], a.finite[c] != 0, a.out + plane * g.howo,
-                   a.code + plane * g.howo, h.data(), hb.data(), code32.data());
-      }
+  for_each_stem_block(a.x, a.weight, s, c0, c1, rows.data(), t.data(), [&](int64_t n, int64_t cb, int64_t nc) {
+    for (int64_t c = cb; c < cb + nc; ++c) {
+      const int64_t plane = n * g.c + c;
+      pool_plane(t.data() + (c - cb) * g.hw, g, a.scale[c], a.offs[c], a.finite[c] != 0, a.out + plane * g.howo,
+                 a.code + plane * g.howo, h.data(), hb.data(), code32.data());
     }
-  }
+  });
 }
 
 template <typename scalar_t>
@@ -210,22 +219,17 @@ METAFORMER_CLONES void stem_backward_channels(const StemBackwardArgs<scalar_t>& 
   const Geometry& g = s.g;
   const int64_t blk = simd::kStemBlock;
   std::vector<scalar_t> rows(s.p * g.hw), t(blk * g.hw), gzfull(blk * g.hw), gz(g.howo), vals(g.howo);
-  for (int64_t n = 0; n < g.n; ++n) {
-    im2col(a.x + n * s.cin * g.hw, s, rows.data());
-    for (int64_t cb = c0; cb < c1; cb += blk) {
-      const int64_t nc = std::min(blk, c1 - cb);
-      conv_planes(rows.data(), a.weight + cb * s.p, s.p, g.hw, nc, t.data());
-      for (int64_t c = cb; c < cb + nc; ++c) {
-        const int64_t plane = n * g.c + c;
-        const scalar_t* go = a.grad_out + plane * g.howo;
-        const int8_t* code = a.code + plane * g.howo;
-        pooled_grad_sums(go, code, t.data() + (c - cb) * g.hw, g, static_cast<scalar_t>(a.mean[c]), gz.data(),
-                         vals.data(), a.sum_gz[c], a.sum_gzt[c]);
-        scatter_plane(go, code, g, gzfull.data() + (c - cb) * g.hw);
-      }
-      rows_dot_planes(gzfull.data(), rows.data(), s.p, g.hw, nc, a.a + cb * s.p);
+  for_each_stem_block(a.x, a.weight, s, c0, c1, rows.data(), t.data(), [&](int64_t n, int64_t cb, int64_t nc) {
+    for (int64_t c = cb; c < cb + nc; ++c) {
+      const int64_t plane = n * g.c + c;
+      const scalar_t* go = a.grad_out + plane * g.howo;
+      const int8_t* code = a.code + plane * g.howo;
+      pooled_grad_sums(go, code, t.data() + (c - cb) * g.hw, g, static_cast<scalar_t>(a.mean[c]), gz.data(),
+                       vals.data(), a.sum_gz[c], a.sum_gzt[c]);
+      scatter_plane(go, code, g, gzfull.data() + (c - cb) * g.hw);
     }
-  }
+    rows_dot_planes(gzfull.data(), rows.data(), s.p, g.hw, nc, a.a + cb * s.p);
+  });
 }
 
 void check_stem(const at::Tensor& x, const at::Tensor& weight, const char* name) {
