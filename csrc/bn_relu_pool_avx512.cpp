@@ -70,6 +70,15 @@ METAFORMER_AVX512 inline void interleave_masks(__mmask16 even, __mmask16 odd, __
   hi = _mm512_test_epi32_mask(_mm512_castps_si512(fh), one);
 }
 
+// The 2x2 windows of pooled cells j0 .. j0+cnt-1 of pooled row i of an [h, w] plane, position by position
+// (z[0] top-left, z[1] top-right, z[2] bottom-left, z[3] bottom-right).
+METAFORMER_AVX512 inline void load_windows(const float* plane, int64_t h, int64_t w, int64_t i, int64_t j0,
+                                           int64_t cnt, __m512 z[4]) {
+  const int64_t top = 2 * i * w + 2 * j0, bottom = top + w;
+  load_pairs(plane + top, cnt, h * w - top, z[0], z[1]);
+  load_pairs(plane + bottom, cnt, h * w - bottom, z[2], z[3]);
+}
+
 // Codes of cells j0 .. j0+cnt-1 as int32 lanes; lanes past cnt read as -1 (inactive).
 METAFORMER_AVX512 inline __m512i load_codes(const int8_t* code, int64_t cnt, int64_t room) {
   const __mmask16 m = first_lanes(cnt);
@@ -159,18 +168,15 @@ METAFORMER_AVX512 void pool_plane_f32(const float* plane, int64_t h, int64_t w, 
   const __m512 vs = _mm512_set1_ps(scale), vo = _mm512_set1_ps(offs), zero = _mm512_setzero_ps();
   const __m512i one = _mm512_set1_epi32(1), two = _mm512_set1_epi32(2), minus_one = _mm512_set1_epi32(-1);
   for (int64_t i = 0; i < ho; ++i) {
-    const float* r0 = plane + 2 * i * w;
-    const float* r1 = r0 + w;
     for (int64_t j0 = 0; j0 < wo; j0 += 16) {
       const int64_t cnt = wo - j0 < 16 ? wo - j0 : 16;
-      __m512 z00, z01, z10, z11;
-      load_pairs(r0 + 2 * j0, cnt, h * w - (2 * i * w + 2 * j0), z00, z01);
-      load_pairs(r1 + 2 * j0, cnt, h * w - ((2 * i + 1) * w + 2 * j0), z10, z11);
+      __m512 z[4];
+      load_windows(plane, h, w, i, j0, cnt, z);
       // y * scale + offs as two roundings, like the generic kernel (no FMA: -ffp-contract=off there)
-      z00 = _mm512_add_ps(_mm512_mul_ps(z00, vs), vo);
-      z01 = _mm512_add_ps(_mm512_mul_ps(z01, vs), vo);
-      z10 = _mm512_add_ps(_mm512_mul_ps(z10, vs), vo);
-      z11 = _mm512_add_ps(_mm512_mul_ps(z11, vs), vo);
+      const __m512 z00 = _mm512_add_ps(_mm512_mul_ps(z[0], vs), vo);
+      const __m512 z01 = _mm512_add_ps(_mm512_mul_ps(z[1], vs), vo);
+      const __m512 z10 = _mm512_add_ps(_mm512_mul_ps(z[2], vs), vo);
+      const __m512 z11 = _mm512_add_ps(_mm512_mul_ps(z[3], vs), vo);
       // first maximum in row-major window order: right only if strictly greater, bottom likewise
       const __mmask16 right0 = _mm512_cmp_ps_mask(z01, z00, _CMP_GT_OQ);
       const __mmask16 right1 = _mm512_cmp_ps_mask(z11, z10, _CMP_GT_OQ);
@@ -193,25 +199,20 @@ METAFORMER_AVX512 void pooled_grad_sums_f32(const float* grad_out, const int8_t*
                                             int64_t w, float shift, double& s1, double& s2) {
   const int64_t ho = h / 2, wo = w / 2;
   const __m512 vshift = _mm512_set1_ps(shift);
-  const __m512i zero_i = _mm512_setzero_si512(), one = _mm512_set1_epi32(1), two = _mm512_set1_epi32(2);
   __m512 a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps();
   for (int64_t i = 0; i < ho; ++i) {
-    const float* r0 = full + 2 * i * w;
-    const float* r1 = r0 + w;
     for (int64_t j0 = 0; j0 < wo; j0 += 16) {
       const int64_t cnt = wo - j0 < 16 ? wo - j0 : 16;
-      const int64_t cell = i * wo + j0;
-      const __m512i q = load_codes(code + cell, cnt, ho * wo - cell);
-      const __mmask16 active = _mm512_cmpge_epi32_mask(q, zero_i);
-      const __m512 gz = _mm512_maskz_mov_ps(active, load_cells(grad_out + cell, cnt, ho * wo - cell));
-      __m512 v00, v01, v10, v11;
-      load_pairs(r0 + 2 * j0, cnt, h * w - (2 * i * w + 2 * j0), v00, v01);
-      load_pairs(r1 + 2 * j0, cnt, h * w - ((2 * i + 1) * w + 2 * j0), v10, v11);
+      __mmask16 at[4];
+      const __m512 go = load_cell_chunk(code, grad_out, i * wo + j0, cnt, ho * wo, at);
+      const __m512 gz = _mm512_maskz_mov_ps(at[0] | at[1] | at[2] | at[3], go);  // 0 where the cell is inactive
+      __m512 z[4];
+      load_windows(full, h, w, i, j0, cnt, z);
       // the value at the argmax; inactive cells read position 3 (q & 3 of -1), as the generic gather does
-      __m512 v = v11;
-      v = _mm512_mask_mov_ps(v, _mm512_cmpeq_epi32_mask(q, two), v10);
-      v = _mm512_mask_mov_ps(v, _mm512_cmpeq_epi32_mask(q, one), v01);
-      v = _mm512_mask_mov_ps(v, _mm512_cmpeq_epi32_mask(q, zero_i), v00);
+      __m512 v = z[3];
+      v = _mm512_mask_mov_ps(v, at[2], z[2]);
+      v = _mm512_mask_mov_ps(v, at[1], z[1]);
+      v = _mm512_mask_mov_ps(v, at[0], z[0]);
       v = _mm512_maskz_mov_ps(first_lanes(cnt), v);  // lanes past cnt hold the next row: make them add exact zeros
       a1 = _mm512_add_ps(a1, gz);
       a2 = _mm512_add_ps(a2, _mm512_mul_ps(gz, _mm512_sub_ps(v, vshift)));

@@ -87,11 +87,13 @@ def batch_norm_relu_pool(
     return out
 
 
+def pair(v: object) -> object:
+    """A module's int-or-tuple 2-D hyperparameter (kernel size, stride, ...) as a tuple."""
+    return v if isinstance(v, tuple) else (v, v)
+
+
 def fusable_block_tail(bn: nn.Module, act: nn.Module, pool: nn.Module) -> bool:
     """Whether modules (BatchNorm2d, ReLU, MaxPool2d) compute exactly what batch_norm_relu_pool does."""
-    def pair(v: object) -> object:
-        return v if isinstance(v, tuple) else (v, v)
-
     return (
         type(bn) is nn.BatchNorm2d
         and type(act) is nn.ReLU

@@ -19,6 +19,7 @@ or off (False for higher-order gradients through the query pass).
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Optional
 
 import torch
@@ -27,7 +28,7 @@ from torch import Tensor, nn
 from torch.overrides import handle_torch_function, has_torch_function
 
 from ._extension import load_extension
-from .bn_relu_pool import batch_norm_relu_pool
+from .bn_relu_pool import batch_norm_relu_pool, pair
 
 OP = "metaformer::conv3x3_bn_relu_pool"
 BACKWARD_OP = "metaformer::conv3x3_bn_relu_pool_backward"
@@ -37,6 +38,7 @@ _EXTENSION = load_extension()
 _HAS_OP = _EXTENSION is not None and hasattr(torch.ops.metaformer, "conv3x3_bn_relu_pool")
 
 
+@lru_cache(maxsize=1)  # the extension picks its kernels once per process (METAFORMER_SIMD is read once)
 def stem_is_fast() -> bool:
     """Whether the fused stem beats conv2d + the fused tail here: only with the AVX-512 plane kernels.
 
@@ -119,9 +121,6 @@ def conv_stem_bn_relu_pool(
 
 def is_conv_stem(conv: nn.Module) -> bool:
     """Whether ``conv`` is a plain 3x3, stride 1, padding 1 nn.Conv2d (what conv_stem_bn_relu_pool computes)."""
-    def pair(v: object) -> object:
-        return v if isinstance(v, tuple) else (v, v)
-
     return (
         type(conv) is nn.Conv2d
         and pair(conv.kernel_size) == (3, 3)
