@@ -17,7 +17,7 @@ import metaformer.heads.functional as functional
 from metaformer.heads import MAML
 from metaformer.models import Conv4
 from metaformer.ops import conv3x3_bn_relu_pool, conv_stem_bn_relu_pool, conv_stem_reference
-from metaformer.ops.conv_bn_relu_pool import fused_stem_available, is_conv_stem
+from metaformer.ops.conv_bn_relu_pool import conv3x3_patches, fused_stem_available, is_conv_stem
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -150,6 +150,48 @@ def test_maml_query_pass_runs_the_fused_stem_with_the_same_meta_gradient(dtype: 
     tol = 1e-10 if dtype == torch.float64 else 2e-4
     for a, r in zip(fused, plain):
         torch.testing.assert_close(a, r, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_patches_conv_and_its_double_backward_match_conv2d(shape: tuple, bias: bool) -> None:
+    x = images(shape, torch.float64, 4)
+    w, b, _, _ = params(shape[1], 5, torch.float64, 5, bias)
+    wrt = [t for t in (w, b) if t is not None]
+    v = torch.randn(shape[0], 5, *shape[2:], generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    results = []
+    for conv in (conv3x3_patches, lambda x_, w_, b_: F.conv2d(x_, w_, b_, padding=1)):
+        y = conv(x, w, b)
+        grads = torch.autograd.grad((y.tanh() * v).sum(), wrt, create_graph=True)  # as a MAML inner step
+        step = [p - 0.1 * g for p, g in zip(wrt, grads)]
+        y2 = conv(x, step[0], step[1] if b is not None else None)
+        results.append([y, *torch.autograd.grad((y2 * y2).sum() + sum((g * g).sum() for g in grads), wrt)])
+    for a, r in zip(*results):
+        torch.testing.assert_close(a, r, atol=1e-11, rtol=1e-11)
+
+
+def test_patches_conv_rejects_what_it_cannot_compute() -> None:
+    w = torch.randn(4, 1, 3, 3)
+    with pytest.raises(ValueError, match="requires_grad=True"):
+        conv3x3_patches(torch.randn(2, 1, 6, 6, requires_grad=True), w, None)
+    with pytest.raises(ValueError, match=r"\(4, 1, 3, 3\)"):
+        conv3x3_patches(torch.randn(2, 3, 6, 6), w, None)
+
+
+def test_only_second_order_support_passes_run_the_stem_as_patches(monkeypatch) -> None:  # noqa: ANN001
+    calls = []
+
+    def counting(x, *args):  # noqa: ANN001, ANN002, ANN202
+        calls.append(tuple(x.shape))
+        return conv3x3_patches(x, *args)
+
+    monkeypatch.setattr(functional, "conv3x3_patches", counting)
+    maml_meta_grad(False, torch.float64)  # 2 tasks x 2 inner steps of 6 support images; the query passes: F.conv2d
+    assert calls == [(6, 1, 12, 12)] * 4
+    calls.clear()
+    head = MAML(Conv4(1, hidden=6, num_blocks=2), 3, inner_steps=2, first_order=True, path="loop")
+    head.adapt_batch(torch.rand(2, 6, 1, 12, 12), torch.arange(3).repeat(2).expand(2, -1))
+    assert not calls  # first order: each support pass is differentiated once, where F.conv2d is as fast
 
 
 # Run in a child with METAFORMER_SIMD=0 (the generic kernels) and in one with the AVX-512 kernels where the CPU

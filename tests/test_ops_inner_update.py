@@ -208,6 +208,26 @@ def test_gradcheck_and_gradgradcheck(lr_tensors, decay_tensors, clip) -> None:
     assert torch.autograd.gradgradcheck(fn, inputs)
 
 
+@pytest.mark.parametrize("decay", [1.0, 0.9])
+def test_task_batched_scalar_rate_backward(decay: float) -> None:
+    """The backward's multi-tensor path (task-batched params, scalar lr and decay, no clipping) vs the reference."""
+    g = torch.Generator().manual_seed(7)
+    mk = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).requires_grad_()  # noqa: E731
+    params, grads = [mk(2, 3, 2), mk(2, 4)], [mk(2, 3, 2), mk(2, 4)]
+    weights = [torch.randn(2, 3, 2, generator=g, dtype=torch.float64), torch.randn(2, 4, generator=g, dtype=torch.float64)]
+
+    def loss(fn):
+        return sum((o * w).sum() for o, w in zip(fn(params, grads, 0.3, decay), weights))
+
+    got = torch.autograd.grad(loss(inner_update), params + grads)
+    want = torch.autograd.grad(loss(inner_update_reference), params + grads)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    fn = lambda *xs: tuple(inner_update(list(xs[:2]), list(xs[2:]), 0.3, decay))  # noqa: E731
+    assert torch.autograd.gradcheck(fn, params + grads)
+    assert torch.autograd.gradgradcheck(fn, params + grads)
+
+
 @pytest.mark.parametrize("clip", [None, 0.7])
 def test_gradients_equal_reference_autograd(clip) -> None:
     params, grads, lr, decay = _grad_inputs(True, True, seed=5)

@@ -124,6 +124,9 @@ def test_predict_builds_no_meta_graph_and_matches_a_tracked_adaptation(name: str
         tracked = head.adapt_batch(batch.support_x, batch.support_y, batch.support_mask, batch.n_way)(
             batch.query_x, batch.query_mask)
     assert tracked.requires_grad
-    torch.testing.assert_close(out, tracked.detach(), rtol=0, atol=0)
+    # not bit-identical: a second-order support pass runs the Conv-4 stem's conv as patches @ weight
+    # (metaformer.ops.conv_bn_relu_pool.conv3x3_patches), the no-graph adaptation as F.conv2d
+    tol = dict(rtol=1e-5, atol=1e-5) if name in ("maml", "probmaml") else dict(rtol=0, atol=0)
+    torch.testing.assert_close(out, tracked.detach(), **tol)
     # the inner loop still saves tensors for its own gradients, but far fewer than a graph kept for the meta-gradient
     assert 0 < saved["predict"] < saved["tracked"]

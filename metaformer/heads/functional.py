@@ -28,7 +28,12 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from metaformer.ops.bn_relu_pool import batch_norm_relu_pool
-from metaformer.ops.conv_bn_relu_pool import conv3x3_bn_relu_pool, conv_stem_bn_relu_pool, fused_stem_available
+from metaformer.ops.conv_bn_relu_pool import (
+    conv3x3_bn_relu_pool,
+    conv3x3_patches,
+    conv_stem_bn_relu_pool,
+    fused_stem_available,
+)
 
 from .batchnorm import PerStepBatchNorm, task_batch_norm
 
@@ -123,15 +128,17 @@ class _FastWeightMode(TorchFunctionMode):
     """Intercepts the ops that consume weights, to add per-task BatchNorm statistics and task-batched weights."""
 
     def __init__(self, bn: BatchNormContext, batched_ids: frozenset[int], memory_format: Optional[torch.memory_format] = None,
-                 fuse_stem: bool = False) -> None:
+                 fuse_stem: bool = False, stem_patches: bool = False) -> None:
         """``batched_ids``: ids of the task-batched weight tensors of this forward pass; ``fuse_stem``: the pass is
-        differentiated once at most, so a Conv-4 stem may run as the once-differentiable fused op."""
+        differentiated once at most, so a Conv-4 stem may run as the once-differentiable fused op;
+        ``stem_patches``: the pass is differentiated twice, so a Conv-4 stem's conv runs as ``conv3x3_patches``."""
         super().__init__()
         self.memory_format = memory_format or torch.contiguous_format
         self.bn = bn
         self.num_tasks = bn.num_tasks
         self.batched_ids = batched_ids
         self.fuse_stem = fuse_stem
+        self.stem_patches = stem_patches
 
     def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:
         kwargs = kwargs or {}
@@ -146,7 +153,10 @@ class _FastWeightMode(TorchFunctionMode):
                 # transductive BatchNorm of one task, as below for batch_norm_relu_pool, with the conv folded in
                 self.bn.calls += 1
                 return conv3x3_bn_relu_pool(x, conv_w, conv_b, bn_w, bn_b, eps)
-            y = self.__torch_function__(F.conv2d, types, (x, conv_w, conv_b), {"padding": 1})
+            if self.stem_patches and self.num_tasks is None and not x.requires_grad and x.dim() == 4:
+                y = conv3x3_patches(x, conv_w, conv_b)
+            else:
+                y = self.__torch_function__(F.conv2d, types, (x, conv_w, conv_b), {"padding": 1})
             tail = (y, running_mean, running_var, bn_w, bn_b, training, momentum, eps)
             return self.__torch_function__(batch_norm_relu_pool, types, tail, {})
         if func is F.batch_norm:
@@ -261,13 +271,18 @@ def functional_forward(
     training: bool = True,
     memory_format: Optional[torch.memory_format] = None,
     once_differentiable: bool = False,
+    twice_differentiable: bool = False,
 ) -> Tensor:
     """Run ``module`` on every task of ``x`` ([T, B, *item] or T lists) with its own fast weights -> [T, B, *out].
 
     ``fast[i]`` is ``[T, *shapes[i]]`` (task-batched) or ``shapes[i]`` (shared by all tasks); parameters of
     ``module`` not named in ``names`` are used as they are. ``once_differentiable``: the caller never
-    differentiates this pass twice, so the loop path may run a Conv-4 stem as the fused stem op.
+    differentiates this pass twice, so the loop path may run a Conv-4 stem as the fused stem op;
+    ``twice_differentiable``: the caller differentiates it twice (second-order support passes), so the loop path
+    runs a Conv-4 stem's conv as patches @ weight (``conv3x3_patches``), whose double backward is cheaper.
     """
+    if once_differentiable and twice_differentiable:
+        raise ValueError("functional_forward: a pass cannot be both once_differentiable and twice_differentiable")
     num_tasks = len(x) if isinstance(x, list) else x.shape[0]
     batched_flags = [f.dim() == len(s) + 1 for f, s in zip(fast, shapes)]
     if path == "batched":
@@ -299,7 +314,7 @@ def functional_forward(
             if memory_format is not None and xt.dim() == 4:
                 xt = xt.contiguous(memory_format=memory_format)
         bn = BatchNormContext(per_step_bn, step, None, None, training)
-        with _FastWeightMode(bn, frozenset(), fuse_stem=once_differentiable):
+        with _FastWeightMode(bn, frozenset(), fuse_stem=once_differentiable, stem_patches=twice_differentiable):
             outs.append(torch.func.functional_call(module, params, (xt,)))
     return _pad_outputs(outs, sample_mask, x)
 

@@ -196,11 +196,13 @@ class GradientHead(FewShotHead):
         )
 
     def forward_fast(self, fast: Sequence[Tensor], x: Inputs, mask: Optional[Tensor], step: int, path: str,
-                     feats: Optional[Inputs] = None, once_differentiable: bool = False) -> Tensor:
+                     feats: Optional[Inputs] = None, once_differentiable: bool = False,
+                     twice_differentiable: bool = False) -> Tensor:
         """Network output [T, B, n_out] for inputs ``x`` with fast weights ``fast`` at inner step ``step``.
 
         ``once_differentiable``: the output's graph meets one backward at most (the query pass), which lets a
-        Conv-4 stem run as the fused stem op on the loop path.
+        Conv-4 stem run as the fused stem op on the loop path; ``twice_differentiable``: it meets a
+        ``create_graph`` backward (a second-order support pass), which runs a Conv-4 stem's conv as patches @ weight.
         """
         if feats is None:
             feats = self.features(x, mask, step, path)
@@ -209,6 +211,7 @@ class GradientHead(FewShotHead):
         return functional_forward(
             self.adapted_module, self.fast_names, fast, shapes, feats, path=path, sample_mask=mask, step=step,
             per_step_bn=self.per_step_bn, training=self.training, once_differentiable=once_differentiable,
+            twice_differentiable=twice_differentiable,
         )
 
     # ------------------------------------------------------------------ inner loop
@@ -222,7 +225,7 @@ class GradientHead(FewShotHead):
               ways: Optional[Tensor], path: str, feats: Optional[Inputs], state: dict,
               fast: list[Tensor]) -> list[Tensor]:
         """One inner step on the support set: gradients of the per-task losses, then inner_update."""
-        out = self.forward_fast(fast, x, mask, step, path, feats)
+        out = self.forward_fast(fast, x, mask, step, path, feats, twice_differentiable=create_graph)
         if self.kind == "classification":
             out = mask_unused_classes(out, ways)
         losses = task_losses(out, y, mask, self.kind)

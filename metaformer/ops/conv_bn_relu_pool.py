@@ -119,6 +119,30 @@ def conv_stem_bn_relu_pool(
     return batch_norm_relu_pool(y, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)
 
 
+def conv3x3_patches(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """``F.conv2d(x, weight, bias, padding=1)`` as 3x3 patches of ``x`` times the weight, for an ``x`` without grad.
+
+    For a pass that is differentiated twice (the support pass of second-order MAML) this is cheaper than
+    ``F.conv2d``: the conv's double backward computes an input gradient (a transposed conv) even when the input is
+    data, and the few-channel first layer runs at a poor oneDNN rate, while the batched matmuls here have
+    neither cost. Once differentiated, ``F.conv2d`` is as fast or faster (``scripts/bench_block_ops.py``).
+    """
+    if x.requires_grad or x.dim() != 4 or weight.dim() != 4 or tuple(weight.shape[1:]) != (x.shape[1], 3, 3):
+        raise ValueError(
+            f"conv3x3_patches takes data [N, C, H, W] (no grad) and a [O, C, 3, 3] weight; got {tuple(x.shape)} "
+            f"(requires_grad={x.requires_grad}) and {tuple(weight.shape)}; use F.conv2d"
+        )
+    n, _, h, w = x.shape
+    o = weight.shape[0]
+    patches = F.unfold(x, 3, padding=1)  # [N, C*9, H*W]
+    w2 = weight.reshape(o, -1).expand(n, o, -1)
+    if bias is None:
+        y = torch.bmm(w2, patches)
+    else:
+        y = torch.baddbmm(bias.view(1, o, 1).expand(n, o, h * w), w2, patches)
+    return y.view(n, o, h, w)
+
+
 def is_conv_stem(conv: nn.Module) -> bool:
     """Whether ``conv`` is a plain 3x3, stride 1, padding 1 nn.Conv2d (what conv_stem_bn_relu_pool computes)."""
     return (

@@ -116,6 +116,20 @@ def _backward(ctx, grad_outs):  # noqa: ANN001, ANN202
     decays = rest[n : 2 * n] if ctx.has_lr and ctx.has_decay else (rest[:n] if ctx.has_decay else None)
     num_tasks = grads[0].shape[0]
     acc = torch.float64 if params[0].dtype == torch.float64 else torch.float32
+    if (
+        ctx.max_grad_norm is None
+        and lrs is None
+        and decays is None
+        and all(
+            go is not None and go.dtype == acc and go.shape == p.shape and p.dtype == acc and g.dtype == acc
+            for go, p, g in zip(grad_outs, params, grads)
+        )
+    ):
+        # plain MAML steps (scalar lr and decay, no clipping): two multi-tensor ops instead of a Python loop
+        # of per-tensor ops, which cost ~0.5 ms per inner step of a Conv-4 (18 tensors); same arithmetic
+        gos = list(grad_outs)
+        d_params = gos if ctx.decay_scalar == 1.0 else list(torch._foreach_mul(gos, ctx.decay_scalar))
+        return d_params, list(torch._foreach_mul(gos, -ctx.lr_scalar)), None, None, None, None, None
 
     clip = norm = None
     if ctx.max_grad_norm is not None:
