@@ -4,7 +4,8 @@ shapes of an Omniglot 5-way 15-query task (75 images, 64 channels).
 Rows: ``bn_relu_pool`` (BatchNorm with batch statistics + ReLU + 2x2 max-pool) forward, backward and double
 backward on the 28x28, 14x14 and 7x7 maps against ``max_pool2d(relu(batch_norm(x)))`` and its autograd;
 the fused stem ``conv3x3_bn_relu_pool`` forward and backward on 75 28x28 images against ``F.conv2d``
-followed by the fused tail (what Conv-4's first block runs without the stem). Each block-kernel setting
+followed by the fused tail (what Conv-4's first block runs without the stem); a second-order inner step through
+the stem on a 5-image support with its conv as ``conv3x3_patches`` against ``F.conv2d``. Each block-kernel setting
 (AVX-512 where the CPU has it, and the generic loops via ``METAFORMER_SIMD=0``) runs in its own child
 process, since the choice is made once per process.
 
@@ -44,6 +45,7 @@ def measure(repeats: int, threads: int) -> dict:
     import torch.nn.functional as F
 
     from metaformer.ops import batch_norm_relu_pool
+    from metaformer.ops.conv_bn_relu_pool import conv3x3_patches
     from training.cpu_allocator import tune_cpu_allocator
 
     torch.set_num_threads(threads)
@@ -101,6 +103,25 @@ def measure(repeats: int, threads: int) -> dict:
                  timed_ms(lambda: torch.autograd.grad(
                      op.conv3x3_bn_relu_pool(img, cw, cb, gm, bt, 1e-5)[0], (cw, cb, gm, bt), go), repeats),
                  timed_ms(lambda: torch.autograd.grad(unfused(), (cw, cb, gm, bt), go), repeats)))
+
+    # a second-order support pass of the stem: conv + fused tail, a create_graph gradient, an inner step, the
+    # query loss through it (the double backward), on a 5-image support; the conv as patches vs F.conv2d
+    sx = torch.rand(5, 1, 28, 28, generator=g)
+    sgo = torch.randn(5, 64, 14, 14, generator=g)
+
+    def inner_step(conv):  # noqa: ANN001, ANN202
+        def run():  # noqa: ANN202
+            params = (cw, cb, gm, bt)
+            y = batch_norm_relu_pool(conv(sx, cw, cb), None, None, gm, bt, True)
+            grads = torch.autograd.grad((y * sgo).sum(), params, create_graph=True)
+            fast = [p - 0.4 * gp for p, gp in zip(params, grads)]
+            y2 = batch_norm_relu_pool(conv(sx, fast[0], fast[1]), None, None, fast[2], fast[3], True)
+            return torch.autograd.grad((y2 * sgo).sum(), params)
+        return run
+
+    rows.append(("stem second-order inner step, 5 images (fused: conv as patches @ weight; torch: F.conv2d)",
+                 timed_ms(inner_step(conv3x3_patches), repeats),
+                 timed_ms(inner_step(lambda x_, w_, b_: F.conv2d(x_, w_, b_, padding=1)), repeats)))
     return {"kernels": str(op.cpu_kernels()), "rows": rows}
 
 
