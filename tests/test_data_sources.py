@@ -201,3 +201,14 @@ def test_text_and_hf_bad_inputs(tmp_path):
         jsonl_text_source(tmp_path / "none.jsonl")
     with pytest.raises(ValueError, match="no split 'dev'"):
         clinc150_source(text_root() / "clinc150", "dev")
+
+
+def test_importing_the_library_does_not_load_pil() -> None:
+    """PIL is imported where an image is decoded, not by ``import metaformer`` (its ~2 MiB count in every
+    process, the meta-training benchmark's peak memory included)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, metaformer, metaformer.data, metaformer.heads, metaformer.models, metaformer.ops; "
+            "assert 'PIL' not in sys.modules, sorted(m for m in sys.modules if m.startswith('PIL'))")
+    subprocess.run([sys.executable, "-c", code], check=True)

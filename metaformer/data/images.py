@@ -10,14 +10,17 @@ import io
 import os
 import re
 from pathlib import Path
-from typing import Sequence
+from types import ModuleType
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
 from metaformer.data.episodes import Episode
 from metaformer.data.source import TensorClassSource
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -32,13 +35,21 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".
 _MODES = {"L": 1, "RGB": 3}
 
 
+def _pil() -> ModuleType:
+    """PIL's Image module, imported on first use: ``import metaformer`` stays ~2 MiB lighter without images."""
+    from PIL import Image
+
+    return Image
+
+
 def _open(data: bytes | str | os.PathLike, what: str) -> Image.Image:
     """Open and fully load an image, raising a ValueError that names ``what`` when it is unreadable."""
+    Image = _pil()  # noqa: N806
     try:
         img = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
         img.load()
         return img
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+    except (Image.UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise ValueError(
             f"cannot read image {what}: {err}; replace or remove the corrupt file and try again"
         ) from None
@@ -57,7 +68,7 @@ def decode_image(
     if image_size is not None:
         size = (image_size, image_size) if isinstance(image_size, int) else (image_size[1], image_size[0])
         if img.size != size:
-            img = img.resize(size, Image.Resampling.LANCZOS)
+            img = img.resize(size, _pil().Resampling.LANCZOS)
     arr = np.asarray(img, dtype=np.uint8)
     return arr[None] if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1))
 
@@ -66,6 +77,7 @@ def decode_stroke_image(data: bytes | str | os.PathLike, what: str, image_size: 
     """Decode a black-on-white drawing (Omniglot) to uint8 [1, S, S] with strokes = 255 (i.e. 1.0)."""
     img = _open(data, what).convert("L")
     # Invert before resizing so the antialiased stroke edges average stroke intensity, not paper.
+    Image = _pil()  # noqa: N806
     img = Image.fromarray(255 - np.asarray(img, dtype=np.uint8))
     if img.size != (image_size, image_size):
         img = img.resize((image_size, image_size), Image.Resampling.LANCZOS)
@@ -74,7 +86,7 @@ def decode_stroke_image(data: bytes | str | os.PathLike, what: str, image_size: 
 
 def _infer_mode(path: Path) -> str:
     """'L' for grayscale / 1-bit images, 'RGB' otherwise."""
-    with Image.open(path) as img:
+    with _pil().open(path) as img:
         return "L" if img.mode in ("1", "L", "LA", "I", "I;16", "F") else "RGB"
 
 
@@ -132,7 +144,7 @@ def image_folder_source(
     if mode is None:
         try:
             mode = _infer_mode(files[0])
-        except (UnidentifiedImageError, OSError) as err:
+        except (_pil().UnidentifiedImageError, OSError) as err:
             raise ValueError(f"cannot read image {files[0]}: {err}; replace or remove the corrupt file") from None
     arrays = [decode_image(p, str(p), mode, image_size) for p in files]
     items = stack_images(arrays, [str(p) for p in files], image_size)
