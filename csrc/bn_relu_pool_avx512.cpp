@@ -108,20 +108,6 @@ METAFORMER_AVX512 inline double reduce_double(__m512 v) {
 
 }  // namespace
 
-namespace {
-
-// The generic code's reduction: lanes in order, each widened to double, then the scalar tail in double.
-METAFORMER_AVX512 inline void finish_lanes(__m512 v1, __m512 v2, double& r1, double& r2) {
-  alignas(64) float a1[16], a2[16];
-  _mm512_store_ps(a1, v1);
-  _mm512_store_ps(a2, v2);
-  for (int l = 0; l < 16; ++l) {
-    r1 += static_cast<double>(a1[l]);
-    r2 += static_cast<double>(a2[l]);
-  }
-}
-
-}  // namespace
 
 METAFORMER_AVX512 void plane_moments_f32(const float* p, int64_t n, float shift, double& s1, double& s2) {
   const __m512 vshift = _mm512_set1_ps(shift);
@@ -132,15 +118,10 @@ METAFORMER_AVX512 void plane_moments_f32(const float* p, int64_t n, float shift,
     a1 = _mm512_add_ps(a1, d);
     a2 = _mm512_add_ps(a2, _mm512_mul_ps(d, d));
   }
-  double r1 = 0.0, r2 = 0.0;
-  finish_lanes(a1, a2, r1, r2);
-  for (; k < n; ++k) {
-    const double d = static_cast<double>(p[k]) - static_cast<double>(shift);
-    r1 += d;
-    r2 += d * d;
-  }
-  s1 += r1;
-  s2 += r2;
+  alignas(64) float l1[kLanes], l2[kLanes];
+  _mm512_store_ps(l1, a1);
+  _mm512_store_ps(l2, a2);
+  finish_moments(l1, l2, p, k, n, shift, s1, s2);  // the generic kernel's reduction order
 }
 
 METAFORMER_AVX512 void plane_dot_f32(const float* u, const float* p, int64_t n, float shift, double& s1, double& s2) {
@@ -152,14 +133,10 @@ METAFORMER_AVX512 void plane_dot_f32(const float* u, const float* p, int64_t n, 
     a1 = _mm512_add_ps(a1, vu);
     a2 = _mm512_add_ps(a2, _mm512_mul_ps(vu, _mm512_sub_ps(_mm512_loadu_ps(p + k), vshift)));
   }
-  double r1 = 0.0, r2 = 0.0;
-  finish_lanes(a1, a2, r1, r2);
-  for (; k < n; ++k) {
-    r1 += static_cast<double>(u[k]);
-    r2 += static_cast<double>(u[k]) * (static_cast<double>(p[k]) - static_cast<double>(shift));
-  }
-  s1 += r1;
-  s2 += r2;
+  alignas(64) float l1[kLanes], l2[kLanes];
+  _mm512_store_ps(l1, a1);
+  _mm512_store_ps(l2, a2);
+  finish_dot(l1, l2, u, p, k, n, shift, s1, s2);  // the generic kernel's reduction order
 }
 
 METAFORMER_AVX512 void pool_plane_f32(const float* plane, int64_t h, int64_t w, float scale, float offs, float* out,
@@ -265,13 +242,19 @@ METAFORMER_AVX512 void write_grad_plane_f32(const float* y, const float* grad_ou
 // L2: 9 rows of 784 floats do not stay in a 32 KiB L1 next to everything else). Compile-time sizes keep the
 // rows and accumulators in registers. Fused multiply-adds, as oneDNN's convolution uses; the generic code
 // rounds twice (the two differ in the last bits).
+// Positions k .. k+15 (masked by m) of the P patch rows of length hw, one vector per row.
+template <int P>
+METAFORMER_AVX512 inline void load_rows(const float* rows, int64_t hw, int64_t k, __mmask16 m, __m512 r[P]) {
+  #pragma GCC unroll 16
+  for (int i = 0; i < P; ++i) r[i] = _mm512_maskz_loadu_ps(m, rows + i * hw + k);
+}
+
 template <int P, int NC>
 METAFORMER_AVX512 inline void conv_block(const float* rows, const float* w, int64_t hw, float* t) {
   for (int64_t k = 0; k < hw; k += 16) {
     const __mmask16 m = first_lanes(hw - k);
     __m512 r[P];
-    #pragma GCC unroll 16
-    for (int i = 0; i < P; ++i) r[i] = _mm512_maskz_loadu_ps(m, rows + i * hw + k);
+    load_rows<P>(rows, hw, k, m, r);
     #pragma GCC unroll 16
     for (int c = 0; c < NC; ++c) {
       __m512 acc = _mm512_mul_ps(_mm512_set1_ps(w[c * P]), r[0]);
@@ -293,8 +276,7 @@ METAFORMER_AVX512 inline void dot_block(const float* u, const float* rows, int64
   for (int64_t k = 0; k < hw; k += 16) {
     const __mmask16 m = first_lanes(hw - k);
     __m512 r[P];
-    #pragma GCC unroll 16
-    for (int i = 0; i < P; ++i) r[i] = _mm512_maskz_loadu_ps(m, rows + i * hw + k);
+    load_rows<P>(rows, hw, k, m, r);
     #pragma GCC unroll 16
     for (int c = 0; c < NC; ++c) {
       const __m512 vu = _mm512_maskz_loadu_ps(m, u + c * hw + k);

@@ -10,6 +10,47 @@
 namespace metaformer {
 namespace simd {
 
+// Lane count of the plane reductions (generic and AVX-512 alike): independent partial sums let the compiler
+// vectorise a reduction it may not reorder itself (no -ffast-math); a plane's partial sums are then added in
+// double by the two functions below, which both kernel sets call so that they give the same bits.
+constexpr int kLanes = 16;
+
+// s1 += Σ (p[k] - shift), s2 += Σ (p[k] - shift)^2, given the kLanes partial sums a1, a2 of p[0 .. k0):
+// lanes in order, each widened to double, then p[k0 .. n) in double.
+template <typename T>
+inline void finish_moments(const T* a1, const T* a2, const T* p, int64_t k0, int64_t n, T shift, double& s1,
+                           double& s2) {
+  double r1 = 0.0, r2 = 0.0;
+  for (int l = 0; l < kLanes; ++l) {
+    r1 += static_cast<double>(a1[l]);
+    r2 += static_cast<double>(a2[l]);
+  }
+  for (int64_t k = k0; k < n; ++k) {
+    const double d = static_cast<double>(p[k]) - static_cast<double>(shift);
+    r1 += d;
+    r2 += d * d;
+  }
+  s1 += r1;
+  s2 += r2;
+}
+
+// s1 += Σ u[k], s2 += Σ u[k] * (p[k] - shift), given the kLanes partial sums of [0 .. k0), as finish_moments.
+template <typename T>
+inline void finish_dot(const T* a1, const T* a2, const T* u, const T* p, int64_t k0, int64_t n, T shift, double& s1,
+                       double& s2) {
+  double r1 = 0.0, r2 = 0.0;
+  for (int l = 0; l < kLanes; ++l) {
+    r1 += static_cast<double>(a1[l]);
+    r2 += static_cast<double>(a2[l]);
+  }
+  for (int64_t k = k0; k < n; ++k) {
+    r1 += static_cast<double>(u[k]);
+    r2 += static_cast<double>(u[k]) * (static_cast<double>(p[k]) - static_cast<double>(shift));
+  }
+  s1 += r1;
+  s2 += r2;
+}
+
 // True where the CPU has AVX-512 F/BW/VL/DQ and METAFORMER_SIMD is not "0" (read once per process).
 bool avx512_available();
 

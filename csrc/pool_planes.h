@@ -48,9 +48,7 @@ inline int64_t window_offset(int64_t i, int64_t j, int8_t code, int64_t w) {
   return (2 * i + (code >> 1)) * w + 2 * j + (code & 1);
 }
 
-// Lane count of the partial sums below: independent accumulators let the compiler vectorise a reduction
-// it may not reorder itself (no -ffast-math); a plane's partial sums are then added in double.
-constexpr int kLanes = 16;
+using simd::kLanes;
 
 // s1 += Σ (p[k] - shift), s2 += Σ (p[k] - shift)^2 over one plane.
 template <typename scalar_t>
@@ -67,18 +65,7 @@ inline void plane_moments(const scalar_t* p, int64_t n, scalar_t shift, double& 
       a2[l] += d * d;
     }
   }
-  double r1 = 0.0, r2 = 0.0;
-  for (int l = 0; l < kLanes; ++l) {
-    r1 += static_cast<double>(a1[l]);
-    r2 += static_cast<double>(a2[l]);
-  }
-  for (; k < n; ++k) {
-    const double d = static_cast<double>(p[k]) - static_cast<double>(shift);
-    r1 += d;
-    r2 += d * d;
-  }
-  s1 += r1;
-  s2 += r2;
+  simd::finish_moments(a1, a2, p, k, n, shift, s1, s2);
 }
 
 // s1 += Σ u[k], s2 += Σ u[k] * (p[k] - shift) over n elements.
@@ -95,17 +82,7 @@ inline void plane_dot(const scalar_t* u, const scalar_t* p, int64_t n, scalar_t 
       a2[l] += u[k + l] * (p[k + l] - shift);
     }
   }
-  double r1 = 0.0, r2 = 0.0;
-  for (int l = 0; l < kLanes; ++l) {
-    r1 += static_cast<double>(a1[l]);
-    r2 += static_cast<double>(a2[l]);
-  }
-  for (; k < n; ++k) {
-    r1 += static_cast<double>(u[k]);
-    r2 += static_cast<double>(u[k]) * (static_cast<double>(p[k]) - static_cast<double>(shift));
-  }
-  s1 += r1;
-  s2 += r2;
+  simd::finish_dot(a1, a2, u, p, k, n, shift, s1, s2);
 }
 
 // Gathers, for every pooled cell of one plane, grad_out where the cell is active (else 0) and the value of
