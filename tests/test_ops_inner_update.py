@@ -231,6 +231,46 @@ def test_scalar_rate_backward(decay: float, shared: bool) -> None:
     assert torch.autograd.gradgradcheck(fn, params + grads)
 
 
+def count_saved(fn) -> int:
+    """How many tensors autograd saves for the backward while ``fn()`` runs."""
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        fn()
+    return len(saved)
+
+
+def test_plain_steps_keep_no_tensor_for_backward() -> None:
+    """Scalar lr and decay without clipping: the backward needs no saved tensor, so the inner gradients can be
+    freed after the step instead of living until the meta-backward; rate tensors and clipping still save."""
+    params, grads, lr, decay = _grad_inputs(True, True)
+    assert count_saved(lambda: inner_update(params, grads, 0.1, 0.9)) == 0
+    assert count_saved(lambda: inner_update(params, grads, lr, 0.9)) > 0
+    assert count_saved(lambda: inner_update(params, grads, 0.1, decay)) > 0
+    assert count_saved(lambda: inner_update(params, grads, 0.1, 0.9, max_grad_norm=1.0)) > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_plain_backward_with_unused_outputs_and_low_precision(dtype: torch.dtype) -> None:
+    """The plain backward when an output gets no gradient and when the inputs are not the accumulation dtype."""
+    params, grads, _ = make_lists(dtype)
+    params = [p.requires_grad_() for p in params]
+    grads = [g.requires_grad_() for g in grads]
+    w = torch.randn(grads[1].shape, generator=torch.Generator().manual_seed(3)).to(dtype)
+
+    def grads_of(fn):
+        outs = fn(params, grads, 0.3, 0.9)
+        loss = (outs[1].float() * w.float()).sum() + outs[3].float().sum()  # outputs 0, 2, 4 unused
+        return torch.autograd.grad(loss, params + grads, allow_unused=True)
+
+    inputs = params + grads
+    for x, a, b in zip(inputs, grads_of(inner_update), grads_of(inner_update_reference)):
+        # autograd hands the op zeros for its unused outputs; the reference's graph leaves those inputs out (None)
+        a = torch.zeros_like(x) if a is None else a
+        b = torch.zeros_like(x) if b is None else b
+        assert a.dtype == b.dtype == x.dtype and a.shape == b.shape == x.shape
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("clip", [None, 0.7])
 def test_gradients_equal_reference_autograd(clip) -> None:
     params, grads, lr, decay = _grad_inputs(True, True, seed=5)

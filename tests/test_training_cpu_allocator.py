@@ -35,9 +35,10 @@ def test_tuning_removes_the_page_faults_of_reused_buffers() -> None:
     applied, faults = _probe("tune")
     _, faults_default = _probe("none")
     assert applied
-    # untuned: every tensor is a fresh mapping, faulted in page by page; tuned: heap blocks are reused
+    # untuned: every tensor is a fresh mapping, faulted in page by page (16 tensors in 4 steps); tuned: heap
+    # blocks are reused. Under load, one stray re-fault of a whole 64 MiB block was seen once (16384 faults).
     assert faults_default > 4 * PAGES_PER_STEP
-    assert faults < 1000
+    assert faults < 2 * PAGES_PER_STEP
 
 def test_opt_outs_are_honoured() -> None:
     applied, faults = _probe("tune", METAFORMER_MALLOC_TUNE="0")

@@ -87,7 +87,8 @@ def _fake(params, grads, lr, lr_scalar, decay, decay_scalar, max_grad_norm):  # 
 
 
 def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
-    """Save what the backward formula needs (the inputs themselves, so double backward stays connected)."""
+    """Save what the backward formula needs: nothing but shapes and dtypes for plain steps; otherwise the
+    inputs themselves, so that double backward stays connected."""
     params, grads, lr, lr_scalar, decay, decay_scalar, max_grad_norm = inputs
     n = len(params)
     ctx.n = n
@@ -96,18 +97,52 @@ def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
     ctx.lr_scalar = lr_scalar
     ctx.decay_scalar = decay_scalar
     ctx.max_grad_norm = max_grad_norm
-    ctx.save_for_backward(*params, *grads, *(lr or ()), *(decay or ()))
+    ctx.acc = torch.float64 if params[0].dtype == torch.float64 else torch.float32
+    # Scalar lr and decay without clipping: the gradient is linear in grad_out with constant coefficients, so
+    # keeping the inner gradients alive until the meta-backward (one copy per step) would be wasted memory.
+    ctx.plain = lr is None and decay is None and max_grad_norm is None
+    if ctx.plain:
+        ctx.meta = [(p.shape, p.dtype, g.dtype) for p, g in zip(params, grads)]
+    else:
+        ctx.save_for_backward(*params, *grads, *(lr or ()), *(decay or ()))
 
 
-def _reduce_to(t: Tensor, like: Tensor) -> Tensor:
+def _reduce_to(t: Tensor, shape: torch.Size, dtype: torch.dtype) -> Tensor:
     """Sum a broadcast gradient back to the shape and dtype of the input it belongs to."""
-    if t.shape != like.shape:
-        t = t.sum_to_size(like.shape)
-    return t.to(like.dtype)
+    if t.shape != shape:
+        t = t.sum_to_size(shape)
+    return t.to(dtype)
+
+
+def _plain_backward(ctx, grad_outs):  # noqa: ANN001, ANN202
+    """Gradients of new = d*p - lr*g for scalar d and lr (no clipping), from shapes and dtypes alone."""
+    acc = ctx.acc
+    if all(go is not None and go.dtype == acc for go in grad_outs) and all(
+        pd == acc and gd == acc for _, pd, gd in ctx.meta
+    ):
+        # multi-tensor ops instead of a Python loop of per-tensor ops, which cost ~0.5 ms per inner step of a
+        # Conv-4 (18 tensors); same arithmetic
+        gos = list(grad_outs)
+        scaled = gos if ctx.decay_scalar == 1.0 else list(torch._foreach_mul(gos, ctx.decay_scalar))
+        d_params = [s_i if s_i.shape == shape else _reduce_to(s_i, shape, acc)
+                    for s_i, (shape, _, _) in zip(scaled, ctx.meta)]
+        return d_params, list(torch._foreach_mul(gos, -ctx.lr_scalar)), None, None, None, None, None
+    d_params, d_grads = [], []
+    for go, (shape, p_dtype, g_dtype) in zip(grad_outs, ctx.meta):
+        if go is None:
+            d_params.append(None)
+            d_grads.append(None)
+            continue
+        go = go.to(acc)
+        d_params.append(_reduce_to(go if ctx.decay_scalar == 1.0 else go * ctx.decay_scalar, shape, p_dtype))
+        d_grads.append((go * -ctx.lr_scalar).to(g_dtype))
+    return d_params, d_grads, None, None, None, None, None
 
 
 def _backward(ctx, grad_outs):  # noqa: ANN001, ANN202
     """Gradients of new = d*p - lr*c*g, written with differentiable torch ops so that double backward works."""
+    if ctx.plain:
+        return _plain_backward(ctx, grad_outs)
     n = ctx.n
     saved = ctx.saved_tensors
     params, grads = saved[:n], saved[n : 2 * n]
@@ -115,22 +150,7 @@ def _backward(ctx, grad_outs):  # noqa: ANN001, ANN202
     lrs = rest[:n] if ctx.has_lr else None
     decays = rest[n : 2 * n] if ctx.has_lr and ctx.has_decay else (rest[:n] if ctx.has_decay else None)
     num_tasks = grads[0].shape[0]
-    acc = torch.float64 if params[0].dtype == torch.float64 else torch.float32
-    if (
-        ctx.max_grad_norm is None
-        and lrs is None
-        and decays is None
-        and all(
-            go is not None and go.dtype == acc and p.dtype == acc and g.dtype == acc
-            for go, p, g in zip(grad_outs, params, grads)
-        )
-    ):
-        # plain steps (scalar lr and decay, no clipping): multi-tensor ops instead of the Python loop of
-        # per-tensor ops below, which cost ~0.5 ms per inner step of a Conv-4 (18 tensors); same arithmetic
-        gos = list(grad_outs)
-        scaled = gos if ctx.decay_scalar == 1.0 else list(torch._foreach_mul(gos, ctx.decay_scalar))
-        d_params = [s_i if s_i.shape == p.shape else _reduce_to(s_i, p) for s_i, p in zip(scaled, params)]
-        return d_params, list(torch._foreach_mul(gos, -ctx.lr_scalar)), None, None, None, None, None
+    acc = ctx.acc
 
     clip = norm = None
     if ctx.max_grad_norm is not None:
@@ -159,12 +179,12 @@ def _backward(ctx, grad_outs):  # noqa: ANN001, ANN202
             c = clip.reshape(view)
             d_grads.append(scaled * c)
             dl_dclip = dl_dclip + (scaled * g_acc).reshape(num_tasks, -1).sum(dim=1)
-            d_lrs.append(_reduce_to(-go * c * g_acc, lrs[i]) if lrs is not None else None)
+            d_lrs.append(_reduce_to(-go * c * g_acc, lrs[i].shape, lrs[i].dtype) if lrs is not None else None)
         else:
             d_grads.append(scaled)
-            d_lrs.append(_reduce_to(-go * g_acc, lrs[i]) if lrs is not None else None)
-        d_params.append(_reduce_to(go * d_i, p) if isinstance(d_i, Tensor) or d_i != 1.0 else _reduce_to(go, p))
-        d_decays.append(_reduce_to(go * p.to(acc), decays[i]) if decays is not None else None)
+            d_lrs.append(_reduce_to(-go * g_acc, lrs[i].shape, lrs[i].dtype) if lrs is not None else None)
+        d_params.append(_reduce_to(go * d_i if isinstance(d_i, Tensor) or d_i != 1.0 else go, p.shape, p.dtype))
+        d_decays.append(_reduce_to(go * p.to(acc), decays[i].shape, decays[i].dtype) if decays is not None else None)
 
     if clip is not None:
         # c = M / (n + eps) where that is below 1: dc/dg = -M / (n + eps)^2 * g / n; zero where no clipping happened.
