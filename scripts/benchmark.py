@@ -23,8 +23,16 @@ Suites:
          hyper-parameters and step counts (30k steps for Omniglot) and 1000 / 600 / 600 test episodes:
          the real table, days on a CPU, hours on a GPU.
 
+Panels (``--panels all`` or a subset): after the cells, the building-block and peer benchmarks run one at a time
+as child processes and their printed tables become sections of RESULTS.md, with their commands: the fused
+inner-loop update (scripts/bench_inner_update.py), the fused block ops (bench_block_ops.py), the MAML step against
+learn2learn / higher / TorchOpt / a plain loop on Conv-4 and on the sinusoid MLP (bench_meta_train.py; their JSON
+also feeds the throughput plot), the allocator tuning (bench_allocator.py) and episode sampling
+(bench_episodes.py). About 25 minutes on the 2-core CPU in all.
+
 Usage: .venv/bin/python scripts/benchmark.py --suite quick [--out docs] [--methods maml,protonet]
        [--settings omniglot-5w1s,glyph-5w1s] [--threads 1] [--jobs 2] [--peers-json results.json]
+       [--panels all --peers-python /work/peers/venv/bin/python] [--data-root ../shared/data]
 """
 
 from __future__ import annotations
@@ -485,6 +493,120 @@ def peer_groups(peers: dict) -> dict[str, list[tuple[str, float]]]:
     return groups
 
 
+# ---------------------------------------------------------------------------------------------- panels
+@dataclass(frozen=True)
+class Panel:
+    """A benchmark script that --panels runs after the suite's cells; its printed tables become a section of RESULTS.md."""
+
+    name: str
+    title: str
+    script: str
+    args: tuple[str, ...] = ()
+    needs_data: bool = False  # gets --data-root
+    needs_peers: bool = False  # gets --peers-python
+    json_option: Optional[str] = None  # the script's option that also writes its rows as JSON
+
+
+_PEER_IMPLS = "plain,l2l,higher,torchopt_func"
+PANELS = {p.name: p for p in (
+    Panel("fused_op", "Fused inner-loop update (`metaformer.ops.inner_update`) against a per-tensor loop",
+          "bench_inner_update.py", ("--device", "cpu"), json_option="--json"),
+    Panel("block_ops", "Fused BatchNorm + ReLU + max-pool and Conv-4 stem against the torch ops",
+          "bench_block_ops.py", ("--repeats", "20")),
+    Panel("meta_train_conv4", "MAML meta-training step against the peer libraries: Conv-4, Omniglot-shaped 5-way "
+          "1-shot, meta-batch 32", "bench_meta_train.py",
+          ("--configs", "omniglot", "--steps-list", "1,5", "--orders", "so,fo", "--threads", "1", "--warmup", "0",
+           "--timed", "3", "--impls", _PEER_IMPLS + ",metaformer_loop"), needs_peers=True, json_option="--json-out"),
+    Panel("meta_train_sinusoid", "MAML meta-training step against the peer libraries: sinusoid MLP 1-40-40-1, "
+          "K = 10, meta-batch 25", "bench_meta_train.py",
+          ("--configs", "sinusoid", "--steps-list", "1,5", "--orders", "so", "--threads", "1",
+           "--impls", _PEER_IMPLS + ",metaformer_batched"), needs_peers=True, json_option="--json-out"),
+    Panel("allocator", "CPU allocator tuning: page faults of batched steps", "bench_allocator.py", needs_data=True),
+    Panel("episodes", "Episode sampling throughput (Omniglot)", "bench_episodes.py", needs_data=True),
+)}
+
+
+def parse_panels(value: str) -> list[Panel]:
+    """``all`` or a comma-separated subset of PANELS, in the order given."""
+    names = list(PANELS) if value.strip() == "all" else [n.strip() for n in value.split(",") if n.strip()]
+    unknown = [n for n in names if n not in PANELS]
+    if unknown:
+        raise ValueError(f"unknown panel(s) {', '.join(unknown)}; choose from all, {', '.join(PANELS)}")
+    return [PANELS[n] for n in names]
+
+
+def run_panel(panel: Panel, res_dir: Path, prefix: str, data_root: Optional[str] = None,
+              peers_python: Optional[str] = None, timeout_s: float = 3600.0) -> dict:
+    """Run one panel's script as a child process; its command, status, wall time, printed output and JSON rows."""
+    args = list(panel.args)
+    if panel.needs_data and data_root:
+        args += ["--data-root", str(data_root)]
+    if panel.needs_peers and peers_python:
+        args += ["--peers-python", str(peers_python)]
+    json_path = res_dir / f"{prefix}_panel_{panel.name}.json" if panel.json_option else None
+    if json_path is not None:
+        res_dir.mkdir(parents=True, exist_ok=True)
+        args += [panel.json_option, str(json_path)]
+    shown = " ".join(["scripts/" + panel.script] + [shlex.quote(a) for a in args])
+    out = {"name": panel.name, "title": panel.title, "command": shown}
+    t0 = time.perf_counter()
+    try:
+        p = subprocess.run([sys.executable, str(ROOT / "scripts" / panel.script), *args], cwd=ROOT,
+                           capture_output=True, text=True, timeout=timeout_s)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return {**out, "status": "failed", "error": f"{type(exc).__name__}: {exc}"[:500],
+                "seconds": time.perf_counter() - t0}
+    out["seconds"] = time.perf_counter() - t0
+    out["output"] = p.stdout.strip()
+    if p.returncode != 0:
+        tail = (p.stderr.strip() or p.stdout.strip()).splitlines()[-1:] or [f"exit status {p.returncode}"]
+        return {**out, "status": "failed", "error": f"exit status {p.returncode}: {tail[0][:400]}"}
+    if json_path is not None:
+        try:
+            out["rows"] = json.loads(json_path.read_text())
+        except (OSError, ValueError) as exc:
+            return {**out, "status": "failed", "error": f"no JSON from {panel.json_option} ({exc})"}
+    return {**out, "status": "ok"}
+
+
+def peers_from_panels(panels: Sequence[dict]) -> Optional[dict]:
+    """The meta-train panels' bench_meta_train.py JSON merged into one peer record (for the throughput plot)."""
+    runs = [p for p in panels if p.get("status") == "ok" and p["name"].startswith("meta_train")
+            and isinstance(p.get("rows"), dict)]
+    if not runs:
+        return None
+    merged = dict(runs[0]["rows"])
+    merged["results"] = [r for p in runs for r in p["rows"].get("results", [])]
+    merged["source"] = "the meta-training panels of this run: " + "; ".join(f"`{p['command']}`" for p in runs)
+    return merged
+
+
+def panels_section(panels: Sequence[dict]) -> list[str]:
+    """RESULTS.md lines for the panels: per script its command, wall time and printed output (or why it failed)."""
+    md = ["## Building blocks and peer libraries (`--panels`)", "",
+          "Each subsection is one benchmark script that this command ran after the suite's cells, one at a time, "
+          "with its output as printed (the scripts' own docstrings and docs/benchmarks.md explain the setups). "
+          "Timings on a shared machine move between runs: compare rows within a table, not across runs.", ""]
+    for p in panels:
+        md += [f"### {p['title']}", "", f"Command: `{p['command']}` ({p.get('seconds', 0.0):.0f} s)", ""]
+        if p.get("status") != "ok":
+            md += [f"**Failed**: {p.get('error')}", ""]
+            continue
+        lines = p.get("output", "").splitlines()
+        if not any(line.startswith("|") for line in lines):
+            md += ["```", *lines, "```", ""]
+            continue
+        prev_table = False
+        for line in lines:  # keep tables intact: a blank line before and after each one
+            is_table = line.startswith("|")
+            if is_table != prev_table and md[-1] != "":
+                md.append("")
+            md.append(line)
+            prev_table = is_table
+        md.append("")
+    return md
+
+
 # ---------------------------------------------------------------------------------------------- machine
 def machine_info(device: str) -> dict:
     """Cores, CPU model, memory, GPU (or none), torch version, commit: the header of RESULTS.md."""
@@ -835,7 +957,7 @@ def load_gpu_run(path: Path) -> dict:
 
 
 def write_report(results: Sequence[dict], specs: Sequence[CellSpec], suite: Suite, out: Path, meta: dict,
-                 peers: Optional[dict], gpu: Optional[dict] = None) -> dict[str, Path]:
+                 peers: Optional[dict], gpu: Optional[dict] = None, panels: Sequence[dict] = ()) -> dict[str, Path]:
     """Write <out>/RESULTS.md, <out>/results/<suite>.json and the PNG plots; returns their paths."""
     from training.atomic import atomic_write_text
 
@@ -856,7 +978,7 @@ def write_report(results: Sequence[dict], specs: Sequence[CellSpec], suite: Suit
             if dest.is_file():
                 paths[f"predictive_{r['setting']}_{r['method']}"] = dest
     payload = {**meta, "suite": suite.name, "time_boxed": suite.time_boxed, "cells": [asdict(s) for s in specs],
-               "results": list(results), "peers": peers, "gpu_run": gpu}
+               "results": list(results), "peers": peers, "gpu_run": gpu, "panels": list(panels)}
     jpath = res_dir / f"{suite.name}.json"
     atomic_write_text(jpath, json.dumps(payload, indent=1))
     paths["json"] = jpath
@@ -972,6 +1094,8 @@ def write_report(results: Sequence[dict], specs: Sequence[CellSpec], suite: Suit
     else:
         md += ["No GPU was available on the machine that produced this file, so there are no GPU rows: neither the "
                "suite on a GPU nor the CUDA rows of the fused-op benchmark. Nothing here is a GPU measurement.", ""]
+    if panels:
+        md += panels_section(panels)
     md += ["## Per-cell settings", "", method_settings_table(specs)]
     failed = [r for r in results if r.get("status") != "ok"]
     if failed:
@@ -988,8 +1112,10 @@ def run_suite(suite: Suite, out: Path, methods: Sequence[str], settings: Sequenc
               minutes: Optional[float] = None, episodes: Optional[int] = None, extra: Sequence[str] = (),
               peers: Optional[dict] = None, run_peers: bool = False, in_process: bool = False,
               data_root: Optional[str] = None, command: Optional[str] = None, log: Any = print,
-              gpu: Optional[dict] = None) -> dict[str, Path]:
-    """Run every cell of the suite, then the peer cell if asked, and write the report; returns the paths written."""
+              gpu: Optional[dict] = None, panels: Sequence[Panel] = (),
+              peers_python: Optional[str] = None) -> dict[str, Path]:
+    """Run every cell of the suite, then the panels and the peer cell if asked, and write the report; returns the
+    paths written."""
     t0 = time.perf_counter()
     load_start = tuple(round(x, 2) for x in os.getloadavg())
     machine = machine_info(device)  # before any output is written: "dirty" must describe the code that ran
@@ -999,6 +1125,15 @@ def run_suite(suite: Suite, out: Path, methods: Sequence[str], settings: Sequenc
     specs = make_specs(suite, methods, settings, work, threads, device, minutes, episodes, extra, data_root)
     log(f"[bench] suite {suite.name}: {len(specs)} cells, {jobs} at a time, {threads} thread(s) each; runs in {work}")
     results = run_cells(specs, jobs, in_process, log)
+    panel_runs = []
+    for panel in panels:  # one at a time, after the cells: each script times itself on an otherwise idle machine
+        log(f"[bench] panel {panel.name}: scripts/{panel.script}")
+        panel_runs.append(run_panel(panel, out / "results", suite.name, data_root, peers_python))
+        r = panel_runs[-1]
+        log(f"[bench] panel {panel.name}: {r['status']} in {r.get('seconds', 0.0):.0f} s"
+            + (f" ({r['error']})" if r.get("error") else ""))
+    if peers is None:
+        peers = peers_from_panels(panel_runs)
     if run_peers and peers is None:
         log("[bench] peer comparison: scripts/bench_meta_train.py (small cell)")
         # quick: the sinusoid MLP, second order only (under a minute); full: Conv-4 Omniglot too, SO and FO
@@ -1009,7 +1144,7 @@ def run_suite(suite: Suite, out: Path, methods: Sequence[str], settings: Sequenc
             "machine": machine, "threads": threads, "jobs": jobs, "load_start": load_start,
             "load_end": tuple(round(x, 2) for x in os.getloadavg()), "total_seconds": time.perf_counter() - t0,
             "in_process": in_process}
-    paths = write_report(results, specs, suite, out, meta, peers, gpu)
+    paths = write_report(results, specs, suite, out, meta, peers, gpu, panel_runs)
     log(f"[bench] wrote {', '.join(str(p) for p in paths.values())}; total {meta['total_seconds']:.0f} s")
     return paths
 
@@ -1025,7 +1160,7 @@ def report_from_json(path: Path, out: Path) -> dict[str, Path]:
     meta = {k: data[k] for k in ("command", "date", "machine", "threads", "jobs", "load_start", "load_end",
                                  "total_seconds", "in_process") if k in data}
     return write_report(results, [CellSpec(**c) for c in cells], suite, out, meta, data.get("peers"),
-                        data.get("gpu_run"))
+                        data.get("gpu_run"), data.get("panels") or ())
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -1051,6 +1186,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     "GPU section")
     ap.add_argument("--fused-json", default=None, help="with --gpu-json: scripts/bench_inner_update.py --json file "
                     "from the same GPU machine (its CUDA rows go to the GPU section)")
+    ap.add_argument("--panels", default="", help="after the cells, also run these benchmark scripts and put their "
+                    f"tables in RESULTS.md: all, or a comma-separated subset of {','.join(PANELS)}")
+    ap.add_argument("--peers-python", default=None, help="python of the peer libraries' venv for the meta_train "
+                    "panels (default: scripts/bench_meta_train.py's)")
     ap.add_argument("--set", action="extend", nargs="+", metavar="KEY=VALUE", default=[],
                     help="config overrides applied to every cell")
     ap.add_argument("--from-json", default=None, help="re-render RESULTS.md and the plots from a suite JSON "
@@ -1079,6 +1218,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ap.error(f"unknown source in {', '.join(bad)}; sources: {', '.join(suite.plans)}")
     if a.threads < 1 or (a.jobs is not None and a.jobs < 1):
         ap.error("--threads and --jobs must be >= 1")
+    try:
+        panels = parse_panels(a.panels) if a.panels else []
+    except ValueError as exc:
+        ap.error(str(exc))
     peers = load_peers(Path(a.peers_json)) if a.peers_json else None
     gpu = load_gpu_run(Path(a.gpu_json)) if a.gpu_json else None
     if a.fused_json:
@@ -1087,7 +1230,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         gpu["fused"] = load_fused(Path(a.fused_json))
     command = "scripts/benchmark.py " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
     run_suite(suite, Path(a.out), methods, settings, a.threads, a.jobs, Path(a.work) if a.work else None, a.device,
-              a.minutes, a.episodes, a.set, peers, not a.no_peers, data_root=a.data_root, command=command, gpu=gpu)
+              a.minutes, a.episodes, a.set, peers, not a.no_peers, data_root=a.data_root, command=command, gpu=gpu,
+              panels=panels, peers_python=a.peers_python)
     return 0
 
 

@@ -189,3 +189,51 @@ def test_probabilistic_maml_sinusoid_cell_plots_its_predictive_band(tmp_path: Pa
     assert f"(results/{png.name})" in md and "±2 standard deviations" in md
     [r] = json.loads(paths["json"].read_text())["results"]
     assert r["metric"] == "mse" and r["ece"] is None
+
+
+def test_panels_put_each_scripts_tables_and_failures_in_the_report(tmp_path: Path) -> None:
+    """--panels: each script's printed table lands in RESULTS.md under its command, a failing script becomes a
+    'Failed' line without stopping the run, a meta-train panel's JSON feeds the peer table, and --from-json
+    re-renders the same section."""
+    b = _bench()
+    suite, extra = _tiny_suite(b, steps=1)
+    panels = [
+        b.Panel("fused_op", "Fused update, quick", "bench_inner_update.py", ("--device", "cpu", "--quick"),
+                json_option="--json"),
+        b.Panel("meta_train_tiny", "Sinusoid MAML step, ours only", "bench_meta_train.py",
+                ("--configs", "sinusoid", "--steps-list", "1", "--orders", "so", "--threads", "1", "--warmup", "0",
+                 "--sine-timed", "2", "--impls", "metaformer_batched"), needs_peers=True, json_option="--json-out"),
+        b.Panel("broken", "A script that rejects its arguments", "bench_inner_update.py", ("--no-such-option",)),
+    ]
+    paths = b.run_suite(suite, tmp_path / "docs", ["protonet"], list(suite.settings)[:1], extra=extra,
+                        work=tmp_path / "work", in_process=True, command="scripts/benchmark.py --test", log=print,
+                        panels=panels, peers_python=str(tmp_path / "no-peers-venv" / "python"))
+    data = json.loads(paths["json"].read_text())
+    runs = {p["name"]: p for p in data["panels"]}
+    assert [runs[n]["status"] for n in ("fused_op", "meta_train_tiny", "broken")] == ["ok", "ok", "failed"]
+    assert "exit status 2" in runs["broken"]["error"]
+    fused_rows = runs["fused_op"]["rows"]
+    assert {r["impl"] for r in fused_rows} >= {"fused op", "python loop"} and all(r["us_per_call"] > 0 for r in fused_rows)
+    md = paths["md"].read_text()
+    section = md[md.index("## Building blocks and peer libraries"):md.index("## Per-cell settings")]
+    assert "### Fused update, quick" in section and "Command: `scripts/bench_inner_update.py --device cpu --quick" in section
+    assert "| case | device | T | params | impl | us/call | GB/s | vs python loop |" in section
+    for r in fused_rows:  # every JSON row is a table row of the report
+        assert f"| {r['case']} | {r['device']} | {r['tasks']} | {r['params']:,} | {r['impl']} | {r['us_per_call']:.1f} |" in section
+    assert "**Failed**: exit status 2" in section
+    # the meta-train panel's JSON is the peer record: its metaformer row in the throughput table
+    ours = [r for r in runs["meta_train_tiny"]["rows"]["results"] if r.get("status") == "ok"]
+    assert ours and data["peers"]["source"].startswith("the meta-training panels of this run")
+    assert f"{ours[0]['tasks_per_s']:.1f}" in md[md.index("## Meta-training throughput"):]
+    again = b.report_from_json(paths["json"], tmp_path / "again")
+    md2 = again["md"].read_text()
+    assert md2[md2.index("## Building blocks"):md2.index("## Per-cell settings")] == section
+
+
+def test_panel_names_are_checked() -> None:
+    """--panels all is every panel in order; an unknown name is an error that lists the valid ones."""
+    b = _bench()
+    assert [p.name for p in b.parse_panels("all")] == list(b.PANELS)
+    assert [p.name for p in b.parse_panels("episodes, fused_op")] == ["episodes", "fused_op"]
+    with pytest.raises(ValueError, match="unknown panel.*fused_op"):
+        b.parse_panels("fused_op,nope")
