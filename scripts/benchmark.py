@@ -27,8 +27,10 @@ Panels (``--panels all`` or a subset): after the cells, the building-block and p
 as child processes and their printed tables become sections of RESULTS.md, with their commands: the fused
 inner-loop update (scripts/bench_inner_update.py), the fused block ops (bench_block_ops.py), the MAML step against
 learn2learn / higher / TorchOpt / a plain loop on Conv-4 and on the sinusoid MLP (bench_meta_train.py; their JSON
-also feeds the throughput plot), the allocator tuning (bench_allocator.py) and episode sampling
-(bench_episodes.py). About 25 minutes on the 2-core CPU in all.
+also feeds the throughput plot), the allocator tuning (bench_allocator.py), episode sampling
+(bench_episodes.py), the Conv-4 MAML step's profile and bf16 timing (profile_conv4_maml.py) and the main job,
+`metaformer demo`. About 30 minutes on the 2-core CPU in all. ``--from-json F --panels ...`` runs panels alone
+and puts them into the report of an earlier run (replacing stored panels of the same name).
 
 Usage: .venv/bin/python scripts/benchmark.py --suite quick [--out docs] [--methods maml,protonet]
        [--settings omniglot-5w1s,glyph-5w1s] [--threads 1] [--jobs 2] [--peers-json results.json]
@@ -500,11 +502,12 @@ class Panel:
 
     name: str
     title: str
-    script: str
+    script: str  # a file under scripts/, or a module run with `python -m` (the `metaformer` command)
     args: tuple[str, ...] = ()
     needs_data: bool = False  # gets --data-root
     needs_peers: bool = False  # gets --peers-python
     json_option: Optional[str] = None  # the script's option that also writes its rows as JSON
+    scratch_option: Optional[str] = None  # the script's output-folder option: given a scratch folder, not kept
 
 
 _PEER_IMPLS = "plain,l2l,higher,torchopt_func"
@@ -523,6 +526,10 @@ PANELS = {p.name: p for p in (
            "--impls", _PEER_IMPLS + ",metaformer_batched"), needs_peers=True, json_option="--json-out"),
     Panel("allocator", "CPU allocator tuning: page faults of batched steps", "bench_allocator.py", needs_data=True),
     Panel("episodes", "Episode sampling throughput (Omniglot)", "bench_episodes.py", needs_data=True),
+    Panel("profile", "Where a Conv-4 second-order MAML step spends its time, and bf16 autocast",
+          "profile_conv4_maml.py", ("--threads", "1", "--timed", "3")),
+    Panel("demo", "The main job: `metaformer demo` (glyph 5-way 1-shot, Conv-4, 40 s of training per method)",
+          "metaformer.cli", ("demo", "--no-progress"), scratch_option="--out"),
 )}
 
 
@@ -547,15 +554,27 @@ def run_panel(panel: Panel, res_dir: Path, prefix: str, data_root: Optional[str]
     if json_path is not None:
         res_dir.mkdir(parents=True, exist_ok=True)
         args += [panel.json_option, str(json_path)]
-    shown = " ".join(["scripts/" + panel.script] + [shlex.quote(a) for a in args])
-    out = {"name": panel.name, "title": panel.title, "command": shown}
+    shown_args = [shlex.quote(a) for a in args]
+    scratch = None
+    if panel.scratch_option:
+        scratch = tempfile.mkdtemp(prefix=f"metaformer_panel_{panel.name}_")
+        args += [panel.scratch_option, scratch]
+        shown_args += [panel.scratch_option, "<scratch folder>"]
+    if panel.script.endswith(".py"):
+        argv, shown = [str(ROOT / "scripts" / panel.script)], ["scripts/" + panel.script]
+    else:
+        argv, shown = ["-m", panel.script], ["python", "-m", panel.script]
+    out = {"name": panel.name, "title": panel.title, "command": " ".join(shown + shown_args),
+           "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"), **git_info()}
     t0 = time.perf_counter()
     try:
-        p = subprocess.run([sys.executable, str(ROOT / "scripts" / panel.script), *args], cwd=ROOT,
-                           capture_output=True, text=True, timeout=timeout_s)
+        p = subprocess.run([sys.executable, *argv, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout_s)
     except (OSError, subprocess.SubprocessError) as exc:
         return {**out, "status": "failed", "error": f"{type(exc).__name__}: {exc}"[:500],
                 "seconds": time.perf_counter() - t0}
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
     out["seconds"] = time.perf_counter() - t0
     out["output"] = p.stdout.strip()
     if p.returncode != 0:
@@ -581,6 +600,20 @@ def peers_from_panels(panels: Sequence[dict]) -> Optional[dict]:
     return merged
 
 
+def _panel_body(lines: list[str]) -> list[str]:
+    """A script's output from the paragraph above its first headed table on (progress lines before it dropped;
+    the JSON keeps the whole output), or all of it when it prints no table."""
+    heads = [i for i in range(len(lines) - 1) if lines[i].startswith("|") and lines[i + 1].startswith("|-")]
+    if not heads:
+        return lines
+    j = heads[0] - 1
+    while j >= 0 and not lines[j].strip():
+        j -= 1
+    while j >= 0 and lines[j].strip() and not lines[j].startswith("|"):
+        j -= 1
+    return lines[j + 1:]
+
+
 def panels_section(panels: Sequence[dict]) -> list[str]:
     """RESULTS.md lines for the panels: per script its command, wall time and printed output (or why it failed)."""
     md = ["## Building blocks and peer libraries (`--panels`)", "",
@@ -588,11 +621,13 @@ def panels_section(panels: Sequence[dict]) -> list[str]:
           "with its output as printed (the scripts' own docstrings and docs/benchmarks.md explain the setups). "
           "Timings on a shared machine move between runs: compare rows within a table, not across runs.", ""]
     for p in panels:
-        md += [f"### {p['title']}", "", f"Command: `{p['command']}` ({p.get('seconds', 0.0):.0f} s)", ""]
+        when = f", {p['date']} UTC, commit `{str(p['commit'])[:12]}`" if p.get("date") else ""
+        md += [f"### {p['title']}", "", f"Command: `{p['command']}` ({p.get('seconds', 0.0):.0f} s{when}"
+               + (", uncommitted changes" if p.get("dirty") else "") + ")", ""]
         if p.get("status") != "ok":
             md += [f"**Failed**: {p.get('error')}", ""]
             continue
-        lines = p.get("output", "").splitlines()
+        lines = _panel_body(p.get("output", "").splitlines())
         if not any(line.startswith("|") for line in lines):
             md += ["```", *lines, "```", ""]
             continue
@@ -1127,7 +1162,7 @@ def run_suite(suite: Suite, out: Path, methods: Sequence[str], settings: Sequenc
     results = run_cells(specs, jobs, in_process, log)
     panel_runs = []
     for panel in panels:  # one at a time, after the cells: each script times itself on an otherwise idle machine
-        log(f"[bench] panel {panel.name}: scripts/{panel.script}")
+        log(f"[bench] panel {panel.name}: {panel.script}")
         panel_runs.append(run_panel(panel, out / "results", suite.name, data_root, peers_python))
         r = panel_runs[-1]
         log(f"[bench] panel {panel.name}: {r['status']} in {r.get('seconds', 0.0):.0f} s"
@@ -1149,8 +1184,10 @@ def run_suite(suite: Suite, out: Path, methods: Sequence[str], settings: Sequenc
     return paths
 
 
-def report_from_json(path: Path, out: Path) -> dict[str, Path]:
-    """Re-render RESULTS.md, the JSON and the plots from a suite JSON written earlier; no cell is rerun."""
+def report_from_json(path: Path, out: Path, panels: Sequence[Panel] = (), data_root: Optional[str] = None,
+                     peers_python: Optional[str] = None, log: Any = print) -> dict[str, Path]:
+    """Re-render RESULTS.md, the JSON and the plots from a suite JSON written earlier; no cell is rerun. ``panels``
+    run now and replace the stored panels of the same name (the others are kept)."""
     try:
         data = json.loads(Path(path).read_text())
         name, results, cells = data["suite"], data["results"], data["cells"]
@@ -1159,8 +1196,21 @@ def report_from_json(path: Path, out: Path) -> dict[str, Path]:
     suite = SUITES.get(name) or Suite(name, (), {}, time_boxed=bool(data.get("time_boxed")), jobs=data.get("jobs", 1))
     meta = {k: data[k] for k in ("command", "date", "machine", "threads", "jobs", "load_start", "load_end",
                                  "total_seconds", "in_process") if k in data}
-    return write_report(results, [CellSpec(**c) for c in cells], suite, out, meta, data.get("peers"),
-                        data.get("gpu_run"), data.get("panels") or ())
+    stored = list(data.get("panels") or ())
+    peers = data.get("peers")
+    for panel in panels:
+        log(f"[bench] panel {panel.name}: {panel.script}")
+        run = run_panel(panel, out / "results", name, data_root, peers_python)
+        log(f"[bench] panel {panel.name}: {run['status']} in {run.get('seconds', 0.0):.0f} s"
+            + (f" ({run['error']})" if run.get("error") else ""))
+        at = [i for i, p in enumerate(stored) if p["name"] == panel.name]
+        if at:
+            stored[at[0]] = run
+        else:
+            stored.append(run)
+    if panels and (peers is None or str(peers.get("source", "")).startswith("the meta-training panels")):
+        peers = peers_from_panels(stored) or peers
+    return write_report(results, [CellSpec(**c) for c in cells], suite, out, meta, peers, data.get("gpu_run"), stored)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -1193,13 +1243,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--set", action="extend", nargs="+", metavar="KEY=VALUE", default=[],
                     help="config overrides applied to every cell")
     ap.add_argument("--from-json", default=None, help="re-render RESULTS.md and the plots from a suite JSON "
-                    "(<out>/results/<suite>.json) without running any cell")
+                    "(<out>/results/<suite>.json) without running any cell; with --panels, those panels run now "
+                    "and replace the stored ones of the same name")
     ap.add_argument("--cell", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.cell:
         return _child_main(a.cell)
+    try:
+        panels = parse_panels(a.panels) if a.panels else []
+    except ValueError as exc:
+        ap.error(str(exc))
     if a.from_json:
-        paths = report_from_json(Path(a.from_json), Path(a.out))
+        paths = report_from_json(Path(a.from_json), Path(a.out), panels, a.data_root, a.peers_python)
         print(f"[bench] wrote {', '.join(str(p) for p in paths.values())}")
         return 0
     if not a.suite:
@@ -1218,10 +1273,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ap.error(f"unknown source in {', '.join(bad)}; sources: {', '.join(suite.plans)}")
     if a.threads < 1 or (a.jobs is not None and a.jobs < 1):
         ap.error("--threads and --jobs must be >= 1")
-    try:
-        panels = parse_panels(a.panels) if a.panels else []
-    except ValueError as exc:
-        ap.error(str(exc))
     peers = load_peers(Path(a.peers_json)) if a.peers_json else None
     gpu = load_gpu_run(Path(a.gpu_json)) if a.gpu_json else None
     if a.fused_json:

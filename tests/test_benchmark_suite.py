@@ -225,9 +225,23 @@ def test_panels_put_each_scripts_tables_and_failures_in_the_report(tmp_path: Pat
     ours = [r for r in runs["meta_train_tiny"]["rows"]["results"] if r.get("status") == "ok"]
     assert ours and data["peers"]["source"].startswith("the meta-training panels of this run")
     assert f"{ours[0]['tasks_per_s']:.1f}" in md[md.index("## Meta-training throughput"):]
+    assert all(runs[n]["commit"] and runs[n]["date"] for n in runs)  # each panel says when and on what it ran
     again = b.report_from_json(paths["json"], tmp_path / "again")
     md2 = again["md"].read_text()
     assert md2[md2.index("## Building blocks"):md2.index("## Per-cell settings")] == section
+    # --from-json with --panels: a module panel (the `metaformer` command, given a scratch --out folder that is
+    # removed afterwards) is added, a stored panel of the same name is replaced, the others are kept
+    demo = b.Panel("broken", "The demo, quick", "metaformer.cli", ("demo", "--quick", "--no-progress"),
+                   scratch_option="--out")
+    refreshed = b.report_from_json(paths["json"], tmp_path / "refreshed", [demo], log=print)
+    data3 = json.loads(refreshed["json"].read_text())
+    assert [p["name"] for p in data3["panels"]] == ["fused_op", "meta_train_tiny", "broken"]
+    new = data3["panels"][2]
+    assert new["status"] == "ok", new.get("error")
+    assert new["command"] == "python -m metaformer.cli demo --quick --no-progress --out <scratch folder>"
+    assert "ProtoNet" in new["output"] and "Meta-Transformer" in new["output"]
+    md3 = refreshed["md"].read_text()
+    assert "### The demo, quick" in md3 and "**Failed**" not in md3 and "### Fused update, quick" in md3
 
 
 def test_panel_names_are_checked() -> None:
