@@ -576,7 +576,7 @@ def run_panel(panel: Panel, res_dir: Path, prefix: str, data_root: Optional[str]
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
     out["seconds"] = time.perf_counter() - t0
-    out["output"] = p.stdout.strip()
+    out["output"] = p.stdout.strip() if scratch is None else p.stdout.strip().replace(scratch, "<scratch folder>")
     if p.returncode != 0:
         tail = (p.stderr.strip() or p.stdout.strip()).splitlines()[-1:] or [f"exit status {p.returncode}"]
         return {**out, "status": "failed", "error": f"exit status {p.returncode}: {tail[0][:400]}"}
@@ -636,7 +636,8 @@ def panels_section(panels: Sequence[dict]) -> list[str]:
             is_table = line.startswith("|")
             if is_table != prev_table and md[-1] != "":
                 md.append("")
-            md.append(line)
+            # text lines end in a markdown line break, so that each printed line stays a line
+            md.append(line if is_table or not line.strip() or line.endswith("  ") else line + "  ")
             prev_table = is_table
         md.append("")
     return md

@@ -240,6 +240,7 @@ def test_panels_put_each_scripts_tables_and_failures_in_the_report(tmp_path: Pat
     assert new["status"] == "ok", new.get("error")
     assert new["command"] == "python -m metaformer.cli demo --quick --no-progress --out <scratch folder>"
     assert "ProtoNet" in new["output"] and "Meta-Transformer" in new["output"]
+    assert "metaformer_panel_" not in new["output"]  # the removed scratch folder is not quoted as a path
     md3 = refreshed["md"].read_text()
     assert "### The demo, quick" in md3 and "**Failed**" not in md3 and "### Fused update, quick" in md3
 
