@@ -508,6 +508,7 @@ class Panel:
     needs_peers: bool = False  # gets --peers-python
     json_option: Optional[str] = None  # the script's option that also writes its rows as JSON
     scratch_option: Optional[str] = None  # the script's output-folder option: given a scratch folder, not kept
+    env: tuple[tuple[str, str], ...] = ()  # extra environment of the child
 
 
 _PEER_IMPLS = "plain,l2l,higher,torchopt_func"
@@ -530,6 +531,14 @@ PANELS = {p.name: p for p in (
           "profile_conv4_maml.py", ("--threads", "1", "--timed", "3")),
     Panel("demo", "The main job: `metaformer demo` (glyph 5-way 1-shot, Conv-4, 40 s of training per method)",
           "metaformer.cli", ("demo", "--no-progress"), scratch_option="--out"),
+    Panel("sinusoid_heads", "Sinusoid regression: MSE after 1 and 10 inner steps for MAML, FOMAML, Meta-SGD, Reptile "
+          "(1000 meta-iterations)", "sinusoid_heads_accuracy.py", ("--iters", "1000", "--shots", "5,10", "--threads", "1")),
+    *(Panel(f"encoder_{data}", f"Frozen all-MiniLM-L6-v2 + ProtoNet on {title}, 5-way 1/5-shot (no training)",
+            "finetune_encoder.py", ("--data", data, "--head", "protonet", "--mode", "frozen", "--steps", "0",
+                                    "--eval-episodes", "600", "--seed", "0", *extra),
+            needs_data=True, scratch_option="--out", env=(("HF_HUB_OFFLINE", "1"),))
+      for data, title, extra in (("clinc150", "CLINC150 (30 test intents)", ("--max-per-class", "60")),
+                                 ("huffpost", "HuffPost (16 test categories)", ()))),
 )}
 
 
@@ -568,7 +577,8 @@ def run_panel(panel: Panel, res_dir: Path, prefix: str, data_root: Optional[str]
            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"), **git_info()}
     t0 = time.perf_counter()
     try:
-        p = subprocess.run([sys.executable, *argv, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout_s)
+        p = subprocess.run([sys.executable, *argv, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout_s,
+                           env={**os.environ, **dict(panel.env)})
     except (OSError, subprocess.SubprocessError) as exc:
         return {**out, "status": "failed", "error": f"{type(exc).__name__}: {exc}"[:500],
                 "seconds": time.perf_counter() - t0}
