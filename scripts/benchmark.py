@@ -29,7 +29,9 @@ inner-loop update (scripts/bench_inner_update.py), the fused block ops (bench_bl
 learn2learn / higher / TorchOpt / a plain loop on Conv-4 and on the sinusoid MLP (bench_meta_train.py; their JSON
 also feeds the throughput plot), the allocator tuning (bench_allocator.py), episode sampling
 (bench_episodes.py), the Conv-4 MAML step's profile and bf16 timing (profile_conv4_maml.py) and the main job,
-`metaformer demo`. About 30 minutes on the 2-core CPU in all. ``--from-json F --panels ...`` runs panels alone
+`metaformer demo`, sinusoid regression MSE per gradient head (sinusoid_heads_accuracy.py, 20000
+meta-iterations) and frozen MiniLM + ProtoNet on CLINC150 and HuffPost (finetune_encoder.py). About 50 minutes
+on the 2-core CPU in all. ``--from-json F --panels ...`` runs panels alone
 and puts them into the report of an earlier run (replacing stored panels of the same name).
 
 Usage: .venv/bin/python scripts/benchmark.py --suite quick [--out docs] [--methods maml,protonet]
@@ -532,7 +534,8 @@ PANELS = {p.name: p for p in (
     Panel("demo", "The main job: `metaformer demo` (glyph 5-way 1-shot, Conv-4, 40 s of training per method)",
           "metaformer.cli", ("demo", "--no-progress"), scratch_option="--out"),
     Panel("sinusoid_heads", "Sinusoid regression: MSE after 1 and 10 inner steps for MAML, FOMAML, Meta-SGD, Reptile "
-          "(1000 meta-iterations)", "sinusoid_heads_accuracy.py", ("--iters", "1000", "--shots", "5,10", "--threads", "1")),
+          "(20000 meta-iterations)", "sinusoid_heads_accuracy.py",
+          ("--iters", "20000", "--shots", "5,10", "--threads", "1")),
     *(Panel(f"encoder_{data}", f"Frozen all-MiniLM-L6-v2 + ProtoNet on {title}, 5-way 1/5-shot (no training)",
             "finetune_encoder.py", ("--data", data, "--head", "protonet", "--mode", "frozen", "--steps", "0",
                                     "--eval-episodes", "600", "--seed", "0", *extra),
