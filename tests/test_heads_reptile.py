@@ -66,3 +66,21 @@ def test_reptile_meta_backward_with_sgd_is_the_reptile_step() -> None:
     for pa, pb in zip(a.parameters(), b.parameters()):
         assert torch.allclose(pa, pb, atol=1e-10)
     assert loss.requires_grad is False and "accuracy" in metrics
+
+
+def test_diverged_inner_loop_raises_and_leaves_the_parameters() -> None:
+    """An inner loop that blows up (here: a huge inner lr on regression) makes reptile_step raise a clear
+    FloatingPointError instead of writing NaN into every weight; the parameters are unchanged."""
+    from metaformer.data import SinusoidFamily
+    from metaformer.models import build_backbone
+
+    torch.manual_seed(0)
+    head = Reptile(build_backbone("mlp", in_dim=1, hidden=8, num_layers=2), kind="regression", inner_steps=5,
+                   inner_lr=1e6, outer_lr=0.1)
+    before = [p.detach().clone() for p in head.parameters()]
+    with pytest.raises(FloatingPointError, match="inner loop diverged.*inner_lr=1000000.0.*unchanged"):
+        head.reptile_step(SinusoidFamily(10, 10, seed=0).batch(0, 4))
+    assert all(torch.equal(p, b) for p, b in zip(head.parameters(), before))
+    head.inner_lr = 0.01  # a sane step on the same head still works
+    head.reptile_step(SinusoidFamily(10, 10, seed=0).batch(0, 4))
+    assert all(torch.isfinite(p).all() for p in head.parameters())

@@ -54,9 +54,19 @@ class Reptile(GradientHead):
         return [f.mean(dim=0) for f in fast.tensors], metrics, per_task.mean()
 
     def reptile_step(self, batch: Any, outer_lr: Optional[float] = None) -> dict[str, float]:
-        """Apply ``theta += outer_lr * (mean_t theta_t - theta)`` in place; return the query metrics."""
+        """Apply ``theta += outer_lr * (mean_t theta_t - theta)`` in place; return the query metrics.
+
+        Raises FloatingPointError, with the parameters left as they were, when an inner loop diverged (adapted
+        weights not finite): written in place, one such step would turn every weight into NaN for good.
+        """
         eps = self.outer_lr if outer_lr is None else float(outer_lr)
         means, metrics, _ = self.adapted_weights(batch)
+        if not all(bool(torch.isfinite(m).all()) for m in means):
+            raise FloatingPointError(
+                f"Reptile step skipped: the adapted weights are not finite (an inner loop diverged; inner_lr="
+                f"{self.inner_lr}, inner_steps={self.inner_steps}); the parameters are unchanged. Lower inner_lr, "
+                "set max_grad_norm (inner gradient clipping), or skip this step and go on"
+            )
         with torch.no_grad():
             for p, m in zip(self.fast_parameters(), means):
                 p.add_(m - p, alpha=eps)
