@@ -108,7 +108,6 @@ METAFORMER_AVX512 inline double reduce_double(__m512 v) {
 
 }  // namespace
 
-
 METAFORMER_AVX512 void plane_moments_f32(const float* p, int64_t n, float shift, double& s1, double& s2) {
   const __m512 vshift = _mm512_set1_ps(shift);
   __m512 a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps();

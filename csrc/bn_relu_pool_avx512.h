@@ -15,16 +15,22 @@ namespace simd {
 // double by the two functions below, which both kernel sets call so that they give the same bits.
 constexpr int kLanes = 16;
 
+// r1 += the kLanes partial sums a1, r2 += those of a2: lanes in order, each widened to double.
+template <typename T>
+inline void add_lanes(const T* a1, const T* a2, double& r1, double& r2) {
+  for (int l = 0; l < kLanes; ++l) {
+    r1 += static_cast<double>(a1[l]);
+    r2 += static_cast<double>(a2[l]);
+  }
+}
+
 // s1 += Σ (p[k] - shift), s2 += Σ (p[k] - shift)^2, given the kLanes partial sums a1, a2 of p[0 .. k0):
 // lanes in order, each widened to double, then p[k0 .. n) in double.
 template <typename T>
 inline void finish_moments(const T* a1, const T* a2, const T* p, int64_t k0, int64_t n, T shift, double& s1,
                            double& s2) {
   double r1 = 0.0, r2 = 0.0;
-  for (int l = 0; l < kLanes; ++l) {
-    r1 += static_cast<double>(a1[l]);
-    r2 += static_cast<double>(a2[l]);
-  }
+  add_lanes(a1, a2, r1, r2);
   for (int64_t k = k0; k < n; ++k) {
     const double d = static_cast<double>(p[k]) - static_cast<double>(shift);
     r1 += d;
@@ -39,10 +45,7 @@ template <typename T>
 inline void finish_dot(const T* a1, const T* a2, const T* u, const T* p, int64_t k0, int64_t n, T shift, double& s1,
                        double& s2) {
   double r1 = 0.0, r2 = 0.0;
-  for (int l = 0; l < kLanes; ++l) {
-    r1 += static_cast<double>(a1[l]);
-    r2 += static_cast<double>(a2[l]);
-  }
+  add_lanes(a1, a2, r1, r2);
   for (int64_t k = k0; k < n; ++k) {
     r1 += static_cast<double>(u[k]);
     r2 += static_cast<double>(u[k]) * (static_cast<double>(p[k]) - static_cast<double>(shift));

@@ -601,6 +601,19 @@ def run_panel(panel: Panel, res_dir: Path, prefix: str, data_root: Optional[str]
     return {**out, "status": "ok"}
 
 
+def run_panels(panels: Sequence[Panel], res_dir: Path, prefix: str, data_root: Optional[str],
+               peers_python: Optional[str], log: Any = print) -> list[dict]:
+    """Run the panels one at a time (each script times itself on an otherwise idle machine), logging each."""
+    runs = []
+    for panel in panels:
+        log(f"[bench] panel {panel.name}: {panel.script}")
+        runs.append(run_panel(panel, res_dir, prefix, data_root, peers_python))
+        r = runs[-1]
+        log(f"[bench] panel {panel.name}: {r['status']} in {r.get('seconds', 0.0):.0f} s"
+            + (f" ({r['error']})" if r.get("error") else ""))
+    return runs
+
+
 def peers_from_panels(panels: Sequence[dict]) -> Optional[dict]:
     """The meta-train panels' bench_meta_train.py JSON merged into one peer record (for the throughput plot)."""
     runs = [p for p in panels if p.get("status") == "ok" and p["name"].startswith("meta_train")
@@ -1174,13 +1187,7 @@ def run_suite(suite: Suite, out: Path, methods: Sequence[str], settings: Sequenc
     specs = make_specs(suite, methods, settings, work, threads, device, minutes, episodes, extra, data_root)
     log(f"[bench] suite {suite.name}: {len(specs)} cells, {jobs} at a time, {threads} thread(s) each; runs in {work}")
     results = run_cells(specs, jobs, in_process, log)
-    panel_runs = []
-    for panel in panels:  # one at a time, after the cells: each script times itself on an otherwise idle machine
-        log(f"[bench] panel {panel.name}: {panel.script}")
-        panel_runs.append(run_panel(panel, out / "results", suite.name, data_root, peers_python))
-        r = panel_runs[-1]
-        log(f"[bench] panel {panel.name}: {r['status']} in {r.get('seconds', 0.0):.0f} s"
-            + (f" ({r['error']})" if r.get("error") else ""))
+    panel_runs = run_panels(panels, out / "results", suite.name, data_root, peers_python, log)
     if peers is None:
         peers = peers_from_panels(panel_runs)
     if run_peers and peers is None:
@@ -1212,12 +1219,8 @@ def report_from_json(path: Path, out: Path, panels: Sequence[Panel] = (), data_r
                                  "total_seconds", "in_process") if k in data}
     stored = list(data.get("panels") or ())
     peers = data.get("peers")
-    for panel in panels:
-        log(f"[bench] panel {panel.name}: {panel.script}")
-        run = run_panel(panel, out / "results", name, data_root, peers_python)
-        log(f"[bench] panel {panel.name}: {run['status']} in {run.get('seconds', 0.0):.0f} s"
-            + (f" ({run['error']})" if run.get("error") else ""))
-        at = [i for i, p in enumerate(stored) if p["name"] == panel.name]
+    for run in run_panels(panels, out / "results", name, data_root, peers_python, log):
+        at = [i for i, p in enumerate(stored) if p["name"] == run["name"]]
         if at:
             stored[at[0]] = run
         else:
