@@ -53,9 +53,9 @@ def shuffle_support(ep: Episode, gen: torch.Generator) -> Episode:
 
 
 # ------------------------------------------------------------------------------------ invariances
-@pytest.mark.parametrize("label_code", ["learned", "fixed"])
-def test_support_permutation_invariance(label_code: str) -> None:
-    model = small_model(label_code=label_code, d_model=32)
+@pytest.mark.parametrize("label_code,readout", [("learned", "label"), ("fixed", "label"), ("learned", "prototype")])
+def test_support_permutation_invariance(label_code: str, readout: str) -> None:
+    model = small_model(label_code=label_code, d_model=32, readout=readout)
     eps = glyph_episodes((2, 20), (1, 5), count=4)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -65,8 +65,9 @@ def test_support_permutation_invariance(label_code: str) -> None:
     torch.testing.assert_close(out, ref, **TOL)
 
 
-def test_changing_one_query_changes_only_that_query() -> None:
-    model = small_model()
+@pytest.mark.parametrize("readout", ["label", "prototype"])
+def test_changing_one_query_changes_only_that_query(readout: str) -> None:
+    model = small_model(readout=readout)
     ep = glyph_episodes(5, 1, q_query=4, count=1)[0]
     qx = ep.query_x.clone()
     qx[7] = torch.rand_like(qx[7])
@@ -78,8 +79,9 @@ def test_changing_one_query_changes_only_that_query() -> None:
     assert (out[7, :5] - ref[7, :5]).abs().max() > 1e-3
 
 
-def test_removing_queries_leaves_the_others_unchanged() -> None:
-    model = small_model()
+@pytest.mark.parametrize("readout", ["label", "prototype"])
+def test_removing_queries_leaves_the_others_unchanged(readout: str) -> None:
+    model = small_model(readout=readout)
     ep = glyph_episodes(5, 5, q_query=3, count=1)[0]
     keep = torch.tensor([0, 3, 4, 9, 14])
     with torch.no_grad():
@@ -89,8 +91,9 @@ def test_removing_queries_leaves_the_others_unchanged() -> None:
     torch.testing.assert_close(out, ref[keep], **TOL)
 
 
-def test_mixed_batch_with_padding_equals_each_task_alone() -> None:
-    model = small_model()
+@pytest.mark.parametrize("readout", ["label", "prototype"])
+def test_mixed_batch_with_padding_equals_each_task_alone(readout: str) -> None:
+    model = small_model(readout=readout)
     eps = glyph_episodes((2, 20), (1, 5), q_query=2, count=5, seed=3)
     assert len({e.n_way for e in eps}) > 1 and len({e.support_y.numel() for e in eps}) > 1
     batch = EpisodeBatch.collate(eps)
@@ -159,6 +162,41 @@ def test_attention_block_matches_masked_softmax_reference() -> None:
     y = x + block.out(attn.transpose(1, 2).reshape(2, 5, 16))
     y = y + block.mlp(block.norm2(y))
     torch.testing.assert_close(out, y, atol=1e-5, rtol=1e-5)
+
+
+def test_prototype_readout_matches_a_per_way_reference() -> None:
+    model = small_model(readout="prototype")
+    with torch.no_grad():
+        model.readout_log_scale.fill_(-2.5)
+    eps = glyph_episodes((2, 7), (1, 4), q_query=2, count=3, seed=11)
+    batch = EpisodeBatch.collate(eps)
+    with torch.no_grad():
+        out = model(batch)
+        for t, ep in enumerate(eps):
+            # the transformer's outputs of this task alone, then the readout written out way by way
+            s_tok, q_tok = model._tokens(EpisodeBatch.collate([ep]))
+            x = torch.cat([s_tok, q_tok], dim=1)
+            n_s = s_tok.shape[1]
+            mask = model.attention_mask(torch.ones(1, n_s, dtype=torch.bool), torch.ones(1, q_tok.shape[1], dtype=torch.bool))
+            for block in model.blocks:
+                x = block(x, mask)
+            h = model.head(model.norm(x))[0].double()
+            h_s, h_q = h[:n_s], h[n_s:]
+            ref = torch.stack([-math.exp(-2.5) * ((h_q - h_s[ep.support_y == k].mean(0)) ** 2).sum(-1)
+                               for k in range(ep.n_way)], dim=1)
+            q = ep.query_y.numel()
+            torch.testing.assert_close(out[t, :q, : ep.n_way].double(), ref, atol=1e-4, rtol=1e-5)
+            assert torch.isinf(out[t, :, ep.n_way:]).all()
+    # a way with no support example has no prototype: -inf, never a distance to the origin
+    ep = eps[0]
+    keep = ep.support_y != 1
+    lone = Episode(ep.support_x[keep], ep.support_y[keep], ep.query_x, ep.query_y, ep.class_names)
+    with torch.no_grad():
+        logits = model(EpisodeBatch.collate([lone]))[0]
+    assert torch.isinf(logits[:, 1]).all() and torch.isfinite(logits[:, 0]).all()
+    loss, _ = model.train().loss(batch)
+    loss.backward()
+    assert model.readout_log_scale.grad is not None and model.readout_log_scale.grad.abs() > 0
 
 
 # ------------------------------------------------------------------------------------ label codes
@@ -241,9 +279,9 @@ def test_text_inputs_go_through_the_backbone_as_lists() -> None:
 
 
 # ------------------------------------------------------------------------------------ save / load
-@pytest.mark.parametrize("label_code", ["learned", "fixed"])
-def test_save_load_round_trip_is_exact(tmp_path: Path, label_code: str) -> None:
-    model = small_model(label_code=label_code)
+@pytest.mark.parametrize("label_code,readout", [("learned", "label"), ("fixed", "label"), ("learned", "prototype")])
+def test_save_load_round_trip_is_exact(tmp_path: Path, label_code: str, readout: str) -> None:
+    model = small_model(label_code=label_code, readout=readout)
     batch = EpisodeBatch.collate(glyph_episodes((2, 8), (1, 3), count=3))
     model.save_pretrained(tmp_path / "ckpt")
     assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["model_type"] == "meta_transformer"
@@ -303,6 +341,10 @@ def test_config_and_batch_errors() -> None:
         MetaTransformerConfig(task="ranking")
     with pytest.raises(ValueError, match="label_code must be one of"):
         MetaTransformerConfig(label_code="onehot")
+    with pytest.raises(ValueError, match="readout must be one of"):
+        MetaTransformerConfig(readout="cosine")
+    with pytest.raises(ValueError, match="readout='prototype' is for classification"):
+        MetaTransformerConfig(task="regression", backbone="mlp", readout="prototype")
     model = small_model(max_way=5)
     with pytest.raises(ValueError, match="raise MetaTransformerConfig.max_way"):
         model(EpisodeBatch.collate(glyph_episodes(6, 1, count=1)))

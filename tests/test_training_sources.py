@@ -59,6 +59,20 @@ def test_omniglot_episodes_from_real_data() -> None:
         build_episodes(bad, "train")
 
 
+def test_omniglot_trainval_part_is_train_and_val_and_never_test() -> None:
+    over = [f"data.root={_data_root()}", "data.options={split_scheme: alphabets}"]
+    cfg = load_config(CONFIGS / "omniglot_5w1s_protonet.yaml", over)
+    names = {p: build_episodes(cfg, p).source.class_names for p in ("train", "val", "test", "trainval")}
+    assert names["trainval"] == names["train"] + names["val"]  # train's classes first, then val's, as numbered
+    assert set(names["trainval"]).isdisjoint(names["test"])
+    # data.train_split=trainval trains on both; the test episodes stay those of the 20/5/5 split
+    tv = load_config(CONFIGS / "omniglot_5w1s_protonet.yaml", [*over, "data.train_split=trainval"])
+    assert build_episodes(tv, tv.data.train_split).source.class_names == names["trainval"]
+    assert build_episodes(tv, "test").source.class_names == names["test"]
+    with pytest.raises(ConfigError, match="no split 'validation'; valid parts: train, val, test, trainval"):
+        build_episodes(cfg, "validation")
+
+
 def test_bf16_autocast_on_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "bf16"
     cfg = load_config(TINY, [f"out_dir={out}", "train.precision=bf16", "train.steps=4", "model.name=protonet",

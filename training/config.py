@@ -37,6 +37,7 @@ class DataConfig:
     train_ways: Optional[tuple] = None
     train_shots: Optional[tuple] = None
     image_size: int = 28
+    # Omniglot also has "trainval" (train and val classes together) for a final model that needs no validation
     train_split: str = "train"
     val_split: str = "val"
     test_split: str = "test"

@@ -60,6 +60,9 @@ def build_episodes(cfg: Config, split: str, data_root: Optional[str] = None) -> 
 
 
 OMNIGLOT_SCHEMES = ("vinyals", "alphabets")
+# Parts of an Omniglot split; "trainval" is train and val together (the final model of a run that no
+# longer needs its validation classes, e.g. data.train_split=trainval).
+OMNIGLOT_PARTS = ("train", "val", "test", "trainval")
 
 
 def _omniglot_source(cfg: Config, split: str, data_root: Optional[str]) -> Any:
@@ -67,7 +70,8 @@ def _omniglot_source(cfg: Config, split: str, data_root: Optional[str]) -> Any:
 
     data.options.split_scheme: "vinyals" (the standard benchmark split, rotations as classes; needs
     images_background.zip and images_evaluation.zip) or "alphabets" (background alphabets only, split by
-    alphabet 20/5/5 into train/val/test, with rotations unless data.options.rotations is false).
+    alphabet 20/5/5 into train/val/test, with rotations unless data.options.rotations is false). ``split`` is a
+    part name (train, val, test, trainval) or one of the config's data.*_split names.
     """
     root = resolve_data_root(cfg, data_root)
     if root is None or not Path(root).is_dir():
@@ -82,13 +86,23 @@ def _omniglot_source(cfg: Config, split: str, data_root: Optional[str]) -> Any:
     split_seed = int(opts.pop("split_seed", 0))
     if opts:
         raise ConfigError(f"unknown data.options for omniglot: {sorted(opts)}; valid: split_scheme, rotations, split_seed")
-    part = {cfg.data.train_split: "train", cfg.data.val_split: "val", cfg.data.test_split: "test"}.get(split, split)
+    if split not in OMNIGLOT_PARTS:
+        part = {cfg.data.train_split: "train", cfg.data.val_split: "val", cfg.data.test_split: "test"}.get(split, split)
+    else:
+        part = split
+    if part not in OMNIGLOT_PARTS:
+        raise ConfigError(f"Omniglot has no split {split!r}; valid parts: {', '.join(OMNIGLOT_PARTS)} "
+                          "(set data.train_split / val_split / test_split to one of them)")
     try:
         if scheme == "vinyals":
             return data.omniglot_vinyals_split(root, part=part, image_size=cfg.data.image_size, download=False)
         if scheme == "alphabets":
             source = _cached_background(str(root), cfg.data.image_size, rotations)
             parts = data.omniglot_alphabet_split(source, counts={"train": 20, "val": 5, "test": 5}, seed=split_seed)
+            if part == "trainval":
+                from metaformer.data.source import ClassSubset
+
+                return ClassSubset(source, parts["train"].index.tolist() + parts["val"].index.tolist())
             return parts[part]
     except (FileNotFoundError, ValueError, OSError) as exc:
         hint = ("; with the background zip only, use --set data.options.split_scheme=alphabets (split by alphabet)"

@@ -5,8 +5,10 @@ Each support example becomes ``proj(backbone(x)) + label_embedding[y]``; each qu
 over ``[support ; queries]`` with a boolean attention mask: every token attends to the real support
 tokens and to itself, so queries never see each other and the output does not depend on the order of
 the support set. Classification logits are dot products of the query outputs with the label
-embeddings of the episode's N ways (``-inf`` for ways ``>= n_way[t]``); regression reads ``d_out``
-values off each query output.
+embeddings of the episode's N ways (``-inf`` for ways ``>= n_way[t]``), or, with ``readout="prototype"``,
+negative squared distances of the query outputs to the mean output of each way's support tokens (the
+set-to-set adaptation of FEAT, Ye et al. 2020, read out as Prototypical Networks do); regression reads
+``d_out`` values off each query output.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 _TASKS = ("classification", "regression")
 _LABEL_CODES = ("learned", "fixed")
+_READOUTS = ("label", "prototype")
 
 
 @dataclass
@@ -50,6 +53,9 @@ class MetaTransformerConfig:
     task: str = "classification"
     label_code: str = "learned"
     label_code_seed: int = 0
+    # How query outputs become class logits: "label" (dot product with the label embeddings) or "prototype"
+    # (negative squared distance to the mean output of each way's support tokens, times a learned scale).
+    readout: str = "label"
     d_in: int = 1
     d_out: int = 1
     # A frozen backbone stays in eval mode (BatchNorm keeps its running statistics) and gets no
@@ -62,6 +68,11 @@ class MetaTransformerConfig:
             raise ValueError(f"MetaTransformerConfig.task must be one of {_TASKS}, got {self.task!r}")
         if self.label_code not in _LABEL_CODES:
             raise ValueError(f"MetaTransformerConfig.label_code must be one of {_LABEL_CODES}, got {self.label_code!r}")
+        if self.readout not in _READOUTS:
+            raise ValueError(f"MetaTransformerConfig.readout must be one of {_READOUTS}, got {self.readout!r}")
+        if self.task == "regression" and self.readout != "label":
+            raise ValueError("MetaTransformerConfig.readout='prototype' is for classification; regression reads "
+                             "its values off each query output (leave readout='label')")
         for name in ("d_model", "n_layers", "n_heads", "max_way", "d_in", "d_out"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -238,6 +249,9 @@ class MetaTransformer(nn.Module):
         )
         self.norm = nn.LayerNorm(d)
         self.head = nn.Linear(d, d if config.task == "classification" else config.d_out)
+        if config.readout == "prototype":
+            # log of the distance scale; 1/d to start keeps the first logits in the softmax's working range
+            self.readout_log_scale = nn.Parameter(torch.tensor(-math.log(d)))
 
     @property
     def backbone_frozen(self) -> bool:
@@ -356,6 +370,8 @@ class MetaTransformer(nn.Module):
         mask = self.attention_mask(batch.support_mask, batch.query_mask)
         for block in self.blocks:
             x = block(x, mask)
+        if self.config.readout == "prototype":
+            return self._prototype_logits(self.head(self.norm(x)), batch)
         h = self.head(self.norm(x[:, s:]))
         if self.config.task == "regression":
             return h
@@ -364,6 +380,21 @@ class MetaTransformer(nn.Module):
         ways = torch.arange(self.config.max_way, device=logits.device)
         invalid = ways[None, None, :] >= batch.n_way[:, None, None]
         return logits.masked_fill(invalid, float("-inf"))
+
+    def _prototype_logits(self, out: Tensor, batch: EpisodeBatch) -> Tensor:
+        """Logits [T, Q, max_way]: -scale * squared distance of each query output to its way's mean support output."""
+        s = batch.support_mask.shape[1]
+        h_s, h_q = out[:, :s].float(), out[:, s:].float()
+        ways = torch.arange(self.config.max_way, device=out.device)
+        onehot = (batch.support_y[..., None] == ways) & batch.support_mask[..., None]  # [T, S, max_way]
+        counts = onehot.sum(dim=1)  # [T, max_way]
+        protos = onehot.transpose(1, 2).to(h_s.dtype) @ h_s / counts.clamp(min=1)[..., None]  # [T, max_way, d]
+        # |q|^2 - 2 q.p + |p|^2 in one matmul: exact enough in float32 and without a [T, Q, max_way, d] tensor
+        dist = (h_q * h_q).sum(-1, keepdim=True) - 2.0 * h_q @ protos.transpose(1, 2) + (protos * protos).sum(-1)[:, None]
+        logits = -self.readout_log_scale.exp() * dist
+        # a way beyond the episode's N, or one without a support example, has no prototype
+        invalid = (ways[None, :] >= batch.n_way[:, None]) | (counts == 0)
+        return logits.masked_fill(invalid[:, None, :], float("-inf"))
 
     def loss(self, batch: EpisodeBatch) -> tuple[Tensor, dict[str, float]]:
         """Mean over tasks of the mean query loss (cross-entropy or MSE) and metrics {"loss", "accuracy"|"mse"}."""
