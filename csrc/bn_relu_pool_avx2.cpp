@@ -6,7 +6,6 @@
 #include "bn_relu_pool_avx2.h"
 
 #include <cstdlib>
-#include <cstring>
 
 #if defined(__GNUC__) && defined(__x86_64__)
 #include <immintrin.h>
@@ -28,14 +27,20 @@ METAFORMER_AVX2 inline __m256i first_lanes(int64_t n) {
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(c), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
-// cnt floats of v to p; a full vector only where all 8 belong to the caller (the rest of a row may be
-// another thread's plane).
-METAFORMER_AVX2 inline void store_first(float* p, __m256 v, int64_t cnt) {
-  if (cnt >= 8) {
+// The first cnt floats of v to p, `room` floats of the caller's plane (or scratch) being writable from p on.
+// Where 8 fit, a full store: the lanes past cnt land on cells or columns of the same plane that the caller
+// writes again later (the next row, the odd last column or row), so only a plane's end needs care. There a
+// scalar copy, not maskstore: vmaskmovps stores are microcoded and slow on AMD CPUs, and the short rows of
+// Conv-4's 14x14 and 7x7 maps end in a partial vector on nearly every row.
+METAFORMER_AVX2 inline void store_first(float* p, __m256 v, int64_t cnt, int64_t room) {
+  if (cnt <= 0) return;
+  if (room >= 8) {
     _mm256_storeu_ps(p, v);
-  } else if (cnt > 0) {
-    _mm256_maskstore_ps(p, first_lanes(cnt), v);
+    return;
   }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, v);
+  for (int64_t l = 0; l < cnt; ++l) p[l] = lanes[l];
 }
 
 // Pooled cells j0 .. j0+cnt-1 of a row cover input columns 2*j0 .. 2*j0+2*cnt-1: two loads, split into even
@@ -81,22 +86,26 @@ METAFORMER_AVX2 inline __m256i load_codes(const int8_t* code, int64_t cnt, int64
   if (room >= 8) {
     bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(code));
   } else {
-    int64_t tail = -1;
-    std::memcpy(&tail, code, static_cast<size_t>(cnt));
-    bytes = _mm_cvtsi64_si128(tail);
+    uint64_t tail = ~uint64_t{0};  // lanes past cnt: -1
+    for (int64_t l = 0; l < cnt; ++l) {
+      tail = (tail & ~(uint64_t{0xFF} << (8 * l))) | (uint64_t{static_cast<uint8_t>(code[l])} << (8 * l));
+    }
+    bytes = _mm_cvtsi64_si128(static_cast<int64_t>(tail));
   }
   return _mm256_blendv_epi8(_mm256_set1_epi32(-1), _mm256_cvtepi8_epi32(bytes), first_lanes(cnt));
 }
 
-// Cells j0 .. j0+cnt-1 of a row (cell = i*wo + j0 of `cells` in the plane): their grad_out (0 past cnt) and
-// one all-ones mask per window position of their argmax code.
-METAFORMER_AVX2 inline __m256 load_cell_chunk(const int8_t* code, const float* grad_out, int64_t cell, int64_t cnt,
-                                             int64_t cells, __m256 at[4]) {
-  const __m256i q = load_codes(code + cell, cnt, cells - cell);
-  for (int pos = 0; pos < 4; ++pos) at[pos] = _mm256_castsi256_ps(_mm256_cmpeq_epi32(q, _mm256_set1_epi32(pos)));
+// grad_out of cells j0 .. j0+cnt-1 of a row (cell = i*wo + j0 of `cells` in the plane), 0 past cnt.
+METAFORMER_AVX2 inline __m256 load_cells(const float* grad_out, int64_t cell, int64_t cnt, int64_t cells) {
   const __m256i m = first_lanes(cnt);
   if (cells - cell >= 8) return _mm256_and_ps(_mm256_loadu_ps(grad_out + cell), _mm256_castsi256_ps(m));
   return _mm256_maskload_ps(grad_out + cell, m);
+}
+
+// All-ones where the argmax code q is window position pos. Computed where used, not kept in an array indexed
+// by the row: that array lived on the stack, and reloading it cost scatter_plane_f32 a sixth of its time.
+METAFORMER_AVX2 inline __m256 at_position(__m256i q, int pos) {
+  return _mm256_castsi256_ps(_mm256_cmpeq_epi32(q, _mm256_set1_epi32(pos)));
 }
 
 // The 8 lanes widened to double and added (the stem's reductions, which need not match the generic order).
@@ -175,16 +184,17 @@ METAFORMER_AVX2 void pool_plane_f32(const float* plane, int64_t h, int64_t w, fl
       const __m256i at_bot = _mm256_add_epi32(two, _mm256_and_si256(_mm256_castps_si256(right1), one));
       const __m256i at = _mm256_blendv_epi8(at_top, at_bot, _mm256_castps_si256(bottom));
       const __m256 keep = _mm256_cmp_ps(best, zero, _CMP_GT_OQ);
-      store_first(out + i * wo + j0, _mm256_and_ps(best, keep), cnt);
+      const int64_t cell = i * wo + j0, room = ho * wo - cell;
+      store_first(out + cell, _mm256_and_ps(best, keep), cnt, room);
       const __m256i q = _mm256_blendv_epi8(minus_one, at, _mm256_castps_si256(keep));
       // int32 -1 .. 3 to bytes: both packs saturate, which leaves these values unchanged
       const __m128i q16 = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
       const __m128i q8 = _mm_packs_epi16(q16, q16);
-      if (cnt == 8) {
-        _mm_storel_epi64(reinterpret_cast<__m128i*>(code + i * wo + j0), q8);
+      if (room >= 8) {  // as store_first: bytes past cnt are cells written again later
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(code + cell), q8);
       } else {
-        const int64_t bytes = _mm_cvtsi128_si64(q8);
-        std::memcpy(code + i * wo + j0, &bytes, static_cast<size_t>(cnt));
+        const uint64_t bytes = static_cast<uint64_t>(_mm_cvtsi128_si64(q8));
+        for (int64_t l = 0; l < cnt; ++l) code[cell + l] = static_cast<int8_t>(bytes >> (8 * l));
       }
     }
   }
@@ -197,18 +207,18 @@ METAFORMER_AVX2 void pooled_grad_sums_f32(const float* grad_out, const int8_t* c
     for (int64_t j0 = 0; j0 < wo; j0 += 8) {
       const int64_t cnt = wo - j0 < 8 ? wo - j0 : 8;
       const int64_t cell = i * wo + j0;
-      __m256 at[4];
-      const __m256 go = load_cell_chunk(code, grad_out, cell, cnt, ho * wo, at);
-      const __m256 active = _mm256_or_ps(_mm256_or_ps(at[0], at[1]), _mm256_or_ps(at[2], at[3]));
+      const __m256i q = load_codes(code + cell, cnt, ho * wo - cell);
+      const __m256 go = load_cells(grad_out, cell, cnt, ho * wo);
+      const __m256 active = _mm256_castsi256_ps(_mm256_cmpgt_epi32(q, _mm256_set1_epi32(-1)));
       __m256 z[4];
       load_windows(full, h, w, i, j0, cnt, z);
       // the value at the argmax; inactive cells read position 3 (q & 3 of -1), as the generic gather does
       __m256 v = z[3];
-      v = _mm256_blendv_ps(v, z[2], at[2]);
-      v = _mm256_blendv_ps(v, z[1], at[1]);
-      v = _mm256_blendv_ps(v, z[0], at[0]);
-      store_first(gz + cell, _mm256_and_ps(go, active), cnt);
-      store_first(vals + cell, v, cnt);
+      v = _mm256_blendv_ps(v, z[2], at_position(q, 2));
+      v = _mm256_blendv_ps(v, z[1], at_position(q, 1));
+      v = _mm256_blendv_ps(v, z[0], at_position(q, 0));
+      store_first(gz + cell, _mm256_and_ps(go, active), cnt, ho * wo - cell);
+      store_first(vals + cell, v, cnt, ho * wo - cell);
     }
   }
   // the generic kernel's reduction: 16 lanes over the gathered cells in flat order, not per row
@@ -219,18 +229,23 @@ METAFORMER_AVX2 void write_grad_plane_f32(const float* y, const float* grad_out,
                                           int64_t w, float e0, float e1, float k, float* grad_y) {
   const int64_t ho = h / 2, wo = w / 2;
   const __m256 ve0 = _mm256_set1_ps(e0), ve1 = _mm256_set1_ps(e1), vk = _mm256_set1_ps(k);
+  // row by row, each to its end (r outside j0): a partial vector's full store then only spills onto columns
+  // that are written afterwards (see store_first)
   for (int64_t i = 0; i < ho; ++i) {
-    for (int64_t j0 = 0; j0 < wo; j0 += 8) {
-      const int64_t cnt = wo - j0 < 8 ? wo - j0 : 8;
-      __m256 at[4];
-      const __m256 kg = _mm256_mul_ps(vk, load_cell_chunk(code, grad_out, i * wo + j0, cnt, ho * wo, at));
-      for (int r = 0; r < 2; ++r) {
+    for (int r = 0; r < 2; ++r) {
+      for (int64_t j0 = 0; j0 < wo; j0 += 8) {
+        const int64_t cnt = wo - j0 < 8 ? wo - j0 : 8;
+        const int64_t cell = i * wo + j0;
+        const __m256i q = load_codes(code + cell, cnt, ho * wo - cell);
+        const __m256 kg = _mm256_mul_ps(vk, load_cells(grad_out, cell, cnt, ho * wo));
+        const __m256 left = at_position(q, 2 * r), right = at_position(q, 2 * r + 1);
         const int64_t base = (2 * i + r) * w + 2 * j0;
         __m256 add_lo, add_hi, has_lo, has_hi;
-        interleave(_mm256_and_ps(at[2 * r], kg), _mm256_and_ps(at[2 * r + 1], kg), add_lo, add_hi);
-        interleave(at[2 * r], at[2 * r + 1], has_lo, has_hi);
+        interleave(_mm256_and_ps(left, kg), _mm256_and_ps(right, kg), add_lo, add_hi);
+        interleave(left, right, has_lo, has_hi);
         __m256 y_lo, y_hi;
-        if (h * w - base >= 16) {
+        const int64_t room = h * w - base;
+        if (room >= 16) {
           y_lo = _mm256_loadu_ps(y + base);
           y_hi = _mm256_loadu_ps(y + base + 8);
         } else {
@@ -242,8 +257,8 @@ METAFORMER_AVX2 void write_grad_plane_f32(const float* y, const float* grad_out,
         // only where a cell's argmax lies, so every other element is exactly e0 - y * e1 (no + 0.0)
         g_lo = _mm256_blendv_ps(g_lo, _mm256_add_ps(g_lo, add_lo), has_lo);
         g_hi = _mm256_blendv_ps(g_hi, _mm256_add_ps(g_hi, add_hi), has_hi);
-        store_first(grad_y + base, g_lo, 2 * cnt);
-        store_first(grad_y + base + 8, g_hi, 2 * cnt - 8);
+        store_first(grad_y + base, g_lo, 2 * cnt, room);
+        store_first(grad_y + base + 8, g_hi, 2 * cnt - 8, room - 8);
       }
     }
   }
@@ -259,16 +274,17 @@ METAFORMER_AVX2 void write_grad_plane_f32(const float* y, const float* grad_out,
 METAFORMER_AVX2 void scatter_plane_f32(const float* grad_out, const int8_t* code, int64_t h, int64_t w, float* out) {
   const int64_t ho = h / 2, wo = w / 2;
   for (int64_t i = 0; i < ho; ++i) {
-    for (int64_t j0 = 0; j0 < wo; j0 += 8) {
-      const int64_t cnt = wo - j0 < 8 ? wo - j0 : 8;
-      __m256 at[4];
-      const __m256 go = load_cell_chunk(code, grad_out, i * wo + j0, cnt, ho * wo, at);
-      for (int r = 0; r < 2; ++r) {
+    for (int r = 0; r < 2; ++r) {  // rows to their end, as in write_grad_plane_f32
+      for (int64_t j0 = 0; j0 < wo; j0 += 8) {
+        const int64_t cnt = wo - j0 < 8 ? wo - j0 : 8;
+        const int64_t cell = i * wo + j0;
+        const __m256i q = load_codes(code + cell, cnt, ho * wo - cell);
+        const __m256 go = load_cells(grad_out, cell, cnt, ho * wo);
         __m256 lo, hi;
-        interleave(_mm256_and_ps(at[2 * r], go), _mm256_and_ps(at[2 * r + 1], go), lo, hi);
-        float* row = out + (2 * i + r) * w + 2 * j0;
-        store_first(row, lo, 2 * cnt);
-        store_first(row + 8, hi, 2 * cnt - 8);
+        interleave(_mm256_and_ps(at_position(q, 2 * r), go), _mm256_and_ps(at_position(q, 2 * r + 1), go), lo, hi);
+        const int64_t base = (2 * i + r) * w + 2 * j0, room = h * w - base;
+        store_first(out + base, lo, 2 * cnt, room);
+        store_first(out + base + 8, hi, 2 * cnt - 8, room - 8);
       }
     }
   }
@@ -306,7 +322,7 @@ METAFORMER_AVX2 inline void conv_block(const float* rows, const float* w, int64_
       __m256 acc = _mm256_mul_ps(_mm256_broadcast_ss(w + c * P), r[0]);
       #pragma GCC unroll 16
       for (int i = 1; i < P; ++i) acc = _mm256_fmadd_ps(_mm256_broadcast_ss(w + c * P + i), r[i], acc);
-      store_first(t + c * hw + k, acc, hw - k);
+      store_first(t + c * hw + k, acc, hw - k, hw - k);
     }
   }
 }
@@ -347,7 +363,7 @@ METAFORMER_AVX2 void conv_planes_f32(const float* rows, const float* w, int64_t 
       for (int64_t i = 1; i < p; ++i) {
         acc = _mm256_fmadd_ps(_mm256_set1_ps(w[c * p + i]), _mm256_maskload_ps(rows + i * hw + k, m), acc);
       }
-      store_first(t + c * hw + k, acc, hw - k);
+      store_first(t + c * hw + k, acc, hw - k, hw - k);
     }
   }
 }

@@ -155,7 +155,7 @@ METAFORMER_CLONES void backward_channels(const BackwardArgs<scalar_t>& a, int64_
           simd::write_grad_plane_f32(yplane, go, code, g.h, g.w, e0[j], e1[j], ks[j], gy);
           continue;
         }
-        if (simd::avx2_selected()) {
+        if (simd::avx2_selected() && g.wo >= simd::avx2::kMinBackwardCells) {
           simd::avx2::write_grad_plane_f32(yplane, go, code, g.h, g.w, e0[j], e1[j], ks[j], gy);
           continue;
         }

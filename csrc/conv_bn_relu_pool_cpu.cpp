@@ -137,7 +137,9 @@ template <typename scalar_t>
 inline void scatter_plane(const scalar_t* go, const int8_t* code, const Geometry& g, scalar_t* out) {
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (simd::avx512_selected()) return simd::scatter_plane_f32(go, code, g.h, g.w, out);
-    if (simd::avx2_selected()) return simd::avx2::scatter_plane_f32(go, code, g.h, g.w, out);
+    if (simd::avx2_selected() && g.wo >= simd::avx2::kMinBackwardCells) {
+      return simd::avx2::scatter_plane_f32(go, code, g.h, g.w, out);
+    }
   }
   for (int64_t k = 0; k < g.hw; ++k) out[k] = scalar_t(0);
   for (int64_t i = 0; i < g.ho; ++i) {

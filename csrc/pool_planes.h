@@ -113,7 +113,7 @@ inline void pooled_grad_sums(const scalar_t* grad_out, const int8_t* code, const
       simd::pooled_grad_sums_f32(grad_out, code, full, g.h, g.w, shift, s1, s2);
       return;
     }
-    if (simd::avx2_selected()) {
+    if (simd::avx2_selected() && g.wo >= simd::avx2::kMinBackwardCells) {
       simd::avx2::pooled_grad_sums_f32(grad_out, code, full, g.h, g.w, shift, gz, vals, s1, s2);
       return;
     }

@@ -25,10 +25,13 @@ pytestmark = pytest.mark.skipif(backend() != "extension", reason="needs the buil
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# (N, C, H, W): pooled widths 1, 3, 7, 8, 8 (+ odd column), 9, 14, 15, 16, 17, 20, 33 and 50
+# (N, C, H, W): pooled widths 1, 3, 5, 6, 7, 8, 8 (+ odd column), 9, 11, 13, 14, 15, 16, 17, 20, 33 and 50, so
+# every partial vector of 1-7 cells, alone or after full ones (the backward kernels take rows of >= 5 cells,
+# shorter ones the generic loops: both must give the generic bits)
 SHAPES = [
-    (1, 3, 2, 2), (2, 2, 5, 3), (2, 3, 7, 7), (2, 3, 14, 14), (2, 2, 4, 16), (2, 2, 7, 17), (3, 2, 6, 18),
-    (4, 8, 28, 28), (3, 2, 9, 30), (2, 2, 6, 32), (1, 2, 3, 34), (2, 3, 9, 41), (1, 2, 6, 66), (1, 1, 6, 100),
+    (1, 3, 2, 2), (2, 2, 5, 3), (2, 2, 6, 10), (2, 2, 5, 13), (2, 3, 7, 7), (2, 3, 14, 14), (2, 2, 4, 16),
+    (2, 2, 7, 17), (3, 2, 6, 18), (2, 2, 5, 22), (1, 2, 4, 26), (4, 8, 28, 28), (3, 2, 9, 30), (2, 2, 6, 32),
+    (1, 2, 3, 34), (2, 3, 9, 41), (1, 2, 6, 66), (1, 1, 6, 100),
 ]
 
 CHILD = """
