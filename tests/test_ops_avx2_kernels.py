@@ -130,3 +130,14 @@ def test_simd_variable_chooses_the_kernel_set() -> None:
             assert got == best and f"METAFORMER_SIMD={want} but this CPU" in err
     got, err = kernels_with("avx3")
     assert got == best and "METAFORMER_SIMD=avx3 is not one of 0, 1, avx2, avx512" in err
+
+
+def test_heads_use_the_fused_stem_with_the_avx2_kernels() -> None:
+    if kernels_with(None)[0] == "generic":
+        pytest.skip("this CPU has no AVX2 + FMA")
+    code = ("import torch; from metaformer.heads import MAML; from metaformer.models import Conv4; "
+            "print(torch.ops.metaformer.cpu_kernels(), MAML(Conv4(1, hidden=6, num_blocks=2), 3).query_stem_fused())")
+    for simd, expected in (("avx2", "avx2 True"), ("0", "generic False")):
+        env = {**os.environ, "METAFORMER_SIMD": simd, "OMP_NUM_THREADS": "1"}
+        done = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, check=True)
+        assert done.stdout.strip().splitlines()[-1] == expected
