@@ -3,7 +3,8 @@
 // The generic kernels (pool_planes.h, bn_relu_pool_cpu.cpp) spend most of their time in scalar per-cell code
 // (a branch per pooled cell in the backward scatter, short rows); these work on a row of pooled cells at a
 // time: 16 cells = 32 input columns per vector pair, deinterleaved into even and odd columns, with the window
-// choice in mask registers. Same arithmetic as the generic kernels (tests hold both against the composite).
+// choice in mask registers. Same arithmetic as the generic kernels, in the same order except for
+// pooled_grad_sums_f32 and the stem's two (tests hold all of them against the composite).
 #pragma once
 
 #include <cstdint>
@@ -84,7 +85,9 @@ void plane_dot_f32(const float* u, const float* p, int64_t n, float shift, doubl
 void pool_plane_f32(const float* plane, int64_t h, int64_t w, float scale, float offs, float* out, int8_t* code);
 
 // s1 += Σ gz, s2 += Σ gz * (full at the argmax - shift) over one plane's pooled cells, gz = grad_out where the
-// cell is active (code >= 0), else 0. Float lanes within the plane, double across planes (as the generic code).
+// cell is active (code >= 0), else 0. Float lanes within the plane, double across planes, but lanes per row
+// chunk and a tree sum of them, not the generic code's flat order: its sums, hence every backward output,
+// differ from the generic ones in the last bits (the AVX2 version gathers first and matches them exactly).
 void pooled_grad_sums_f32(const float* grad_out, const int8_t* code, const float* full, int64_t h, int64_t w,
                           float shift, double& s1, double& s2);
 
