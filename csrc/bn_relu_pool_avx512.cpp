@@ -1,10 +1,9 @@
 // AVX-512 float32 plane kernels of metaformer::bn_relu_pool; see bn_relu_pool_avx512.h. Each function carries
 // its own target attribute (the extension is built without -march, as torch is) and runs only where
-// avx512_available() said yes.
+// kernels() chose AVX-512.
 #include "bn_relu_pool_avx512.h"
 
 #include <cstdlib>
-#include <cstring>
 
 #if defined(__GNUC__) && defined(__x86_64__)
 #include <immintrin.h>
@@ -16,17 +15,6 @@ namespace metaformer {
 namespace simd {
 
 #ifdef METAFORMER_HAVE_AVX512_KERNELS
-
-bool avx512_available() {
-  static const bool ok = [] {
-    const char* env = std::getenv("METAFORMER_SIMD");
-    if (env != nullptr && std::strcmp(env, "0") == 0) return false;  // opt-out: the generic kernels (tests use it)
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-  }();
-  return ok;
-}
 
 namespace {
 
@@ -356,7 +344,6 @@ METAFORMER_AVX512 void scatter_plane_f32(const float* grad_out, const int8_t* co
 
 #else  // no AVX-512 kernels on this compiler / architecture: the generic kernels run everywhere
 
-bool avx512_available() { return false; }
 void plane_moments_f32(const float*, int64_t, float, double&, double&) { std::abort(); }
 void plane_dot_f32(const float*, const float*, int64_t, float, double&, double&) { std::abort(); }
 void conv_planes_f32(const float*, const float*, int64_t, int64_t, int64_t, float*) { std::abort(); }

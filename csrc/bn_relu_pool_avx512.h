@@ -1,8 +1,10 @@
-// AVX-512 float32 plane kernels of metaformer::bn_relu_pool (torch-free). The generic kernels in
-// bn_relu_pool_cpu.cpp spend most of their time in scalar per-cell code (a branch per pooled cell in the
-// backward scatter, short rows); these work on a row of pooled cells at a time: 16 cells = 32 input columns
-// per vector pair, deinterleaved into even and odd columns, with the window choice in mask registers.
-// Same arithmetic, in the same order, as the generic kernels (tests hold both against the composite).
+// AVX-512 float32 plane kernels of metaformer::bn_relu_pool (torch-free), and what all kernel sets share:
+// the 16-lane reduction order and the run-time choice of a set (the AVX2 + FMA set: bn_relu_pool_avx2.h).
+// The generic kernels (pool_planes.h, bn_relu_pool_cpu.cpp) spend most of their time in scalar per-cell code
+// (a branch per pooled cell in the backward scatter, short rows); these work on a row of pooled cells at a
+// time: 16 cells = 32 input columns per vector pair, deinterleaved into even and odd columns, with the window
+// choice in mask registers. Same arithmetic as the generic kernels, in the same order except for
+// pooled_grad_sums_f32 and the stem's two (tests hold all of them against the composite).
 #pragma once
 
 #include <cstdint>
@@ -54,8 +56,22 @@ inline void finish_dot(const T* a1, const T* a2, const T* u, const T* p, int64_t
   s2 += r2;
 }
 
-// True where the CPU has AVX-512 F/BW/VL/DQ and METAFORMER_SIMD is not "0" (read once per process).
-bool avx512_available();
+// The float32 plane kernel sets, in order of preference: AVX-512 (F/BW/VL/DQ; this file), AVX2 + FMA
+// (bn_relu_pool_avx2.h) and the generic loops of pool_planes.h (any CPU, float64 too).
+enum class Kernels { generic = 0, avx2 = 1, avx512 = 2 };
+
+// The set this process runs, chosen once (simd_select.cpp): the best the CPU has, or METAFORMER_SIMD's
+// choice ("0" = generic, "avx2", "avx512"; one the CPU lacks falls back to the best it has, with a warning).
+Kernels kernels();
+
+// "avx512", "avx2" or "generic": what the cpu_kernels() op reports.
+const char* kernels_name(Kernels k);
+
+// Whether the float32 kernels are this file's (the dispatchers test this, then avx2_selected()).
+inline bool avx512_selected() { return kernels() == Kernels::avx512; }
+
+// Whether the float32 kernels are the AVX2 + FMA ones of bn_relu_pool_avx2.h.
+inline bool avx2_selected() { return kernels() == Kernels::avx2; }
 
 // s1 += Σ (p[k] - shift), s2 += Σ (p[k] - shift)^2 over n floats: 16 float lanes, then double (the generic
 // plane_moments' exact order, so both give the same bits).
@@ -69,7 +85,9 @@ void plane_dot_f32(const float* u, const float* p, int64_t n, float shift, doubl
 void pool_plane_f32(const float* plane, int64_t h, int64_t w, float scale, float offs, float* out, int8_t* code);
 
 // s1 += Σ gz, s2 += Σ gz * (full at the argmax - shift) over one plane's pooled cells, gz = grad_out where the
-// cell is active (code >= 0), else 0. Float lanes within the plane, double across planes (as the generic code).
+// cell is active (code >= 0), else 0. Float lanes within the plane, double across planes, but lanes per row
+// chunk and a tree sum of them, not the generic code's flat order: its sums, hence every backward output,
+// differ from the generic ones in the last bits (the AVX2 version gathers first and matches them exactly).
 void pooled_grad_sums_f32(const float* grad_out, const int8_t* code, const float* full, int64_t h, int64_t w,
                           float shift, double& s1, double& s2);
 

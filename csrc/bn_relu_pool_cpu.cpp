@@ -151,8 +151,12 @@ METAFORMER_CLONES void backward_channels(const BackwardArgs<scalar_t>& a, int64_
       const scalar_t* go = a.grad_out + plane * g.howo;
       const int8_t* code = a.code + plane * g.howo;
       if constexpr (std::is_same_v<scalar_t, float>) {
-        if (simd::avx512_available()) {
+        if (simd::avx512_selected()) {
           simd::write_grad_plane_f32(yplane, go, code, g.h, g.w, e0[j], e1[j], ks[j], gy);
+          continue;
+        }
+        if (simd::avx2_selected() && g.wo >= simd::avx2::kMinBackwardCells) {
+          simd::avx2::write_grad_plane_f32(yplane, go, code, g.h, g.w, e0[j], e1[j], ks[j], gy);
           continue;
         }
       }
@@ -389,8 +393,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_double_backward_cpu(
 
 namespace metaformer {
 namespace {
-// Which kernels the float32 block ops run on this CPU: "avx512" or "generic" (benchmarks record it).
-std::string cpu_kernels() { return simd::avx512_available() ? "avx512" : "generic"; }
+// Which kernels the float32 block ops run in this process: "avx512", "avx2" or "generic" (benchmarks record it).
+std::string cpu_kernels() { return simd::kernels_name(simd::kernels()); }
 }  // namespace
 }  // namespace metaformer
 

@@ -116,7 +116,8 @@ void patch_statistics(const scalar_t* x, const Stem& s, std::vector<double>& mu,
 template <typename scalar_t>
 inline void conv_planes(const scalar_t* rows, const scalar_t* w, int64_t p, int64_t hw, int64_t nc, scalar_t* t) {
   if constexpr (std::is_same_v<scalar_t, float>) {
-    if (simd::avx512_available()) return simd::conv_planes_f32(rows, w, p, hw, nc, t);
+    if (simd::avx512_selected()) return simd::conv_planes_f32(rows, w, p, hw, nc, t);
+    if (simd::avx2_selected()) return simd::avx2::conv_planes_f32(rows, w, p, hw, nc, t);
   }
   for (int64_t c = 0; c < nc; ++c) {
     scalar_t* tc = t + c * hw;
@@ -135,7 +136,10 @@ inline void conv_planes(const scalar_t* rows, const scalar_t* w, int64_t p, int6
 template <typename scalar_t>
 inline void scatter_plane(const scalar_t* go, const int8_t* code, const Geometry& g, scalar_t* out) {
   if constexpr (std::is_same_v<scalar_t, float>) {
-    if (simd::avx512_available()) return simd::scatter_plane_f32(go, code, g.h, g.w, out);
+    if (simd::avx512_selected()) return simd::scatter_plane_f32(go, code, g.h, g.w, out);
+    if (simd::avx2_selected() && g.wo >= simd::avx2::kMinBackwardCells) {
+      return simd::avx2::scatter_plane_f32(go, code, g.h, g.w, out);
+    }
   }
   for (int64_t k = 0; k < g.hw; ++k) out[k] = scalar_t(0);
   for (int64_t i = 0; i < g.ho; ++i) {
@@ -150,7 +154,8 @@ inline void scatter_plane(const scalar_t* go, const int8_t* code, const Geometry
 template <typename scalar_t>
 inline void rows_dot_planes(const scalar_t* u, const scalar_t* rows, int64_t p, int64_t hw, int64_t nc, double* acc) {
   if constexpr (std::is_same_v<scalar_t, float>) {
-    if (simd::avx512_available()) return simd::rows_dot_planes_f32(u, rows, p, hw, nc, acc);
+    if (simd::avx512_selected()) return simd::rows_dot_planes_f32(u, rows, p, hw, nc, acc);
+    if (simd::avx2_selected()) return simd::avx2::rows_dot_planes_f32(u, rows, p, hw, nc, acc);
   }
   double unused = 0.0;
   for (int64_t c = 0; c < nc; ++c) {

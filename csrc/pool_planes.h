@@ -1,7 +1,7 @@
 // Plane-level pieces shared by the fused BatchNorm+ReLU+max-pool op (bn_relu_pool_cpu.cpp) and the fused
 // Conv-4 stem (conv_bn_relu_pool_cpu.cpp): the 2x2 max-pool with its 1-byte argmax code, and the per-plane
-// sums the backward passes start from. Each dispatches to the AVX-512 kernels (bn_relu_pool_avx512.h) for
-// float32 where the CPU has them.
+// sums the backward passes start from. Each dispatches float32 to the kernel set simd::kernels() chose: AVX-512
+// (bn_relu_pool_avx512.h), else AVX2 + FMA (bn_relu_pool_avx2.h), else the generic loops here.
 #pragma once
 
 #include <torch/extension.h>
@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "bn_relu_pool_avx2.h"
 #include "bn_relu_pool_avx512.h"
 
 // The per-channel loops are compiled for AVX-512, AVX2 and baseline x86-64 and picked at load time (the
@@ -54,7 +55,8 @@ using simd::kLanes;
 template <typename scalar_t>
 inline void plane_moments(const scalar_t* p, int64_t n, scalar_t shift, double& s1, double& s2) {
   if constexpr (std::is_same_v<scalar_t, float>) {
-    if (simd::avx512_available()) return simd::plane_moments_f32(p, n, shift, s1, s2);
+    if (simd::avx512_selected()) return simd::plane_moments_f32(p, n, shift, s1, s2);
+    if (simd::avx2_selected()) return simd::avx2::plane_moments_f32(p, n, shift, s1, s2);
   }
   scalar_t a1[kLanes] = {}, a2[kLanes] = {};
   int64_t k = 0;
@@ -72,7 +74,8 @@ inline void plane_moments(const scalar_t* p, int64_t n, scalar_t shift, double& 
 template <typename scalar_t>
 inline void plane_dot(const scalar_t* u, const scalar_t* p, int64_t n, scalar_t shift, double& s1, double& s2) {
   if constexpr (std::is_same_v<scalar_t, float>) {
-    if (simd::avx512_available()) return simd::plane_dot_f32(u, p, n, shift, s1, s2);
+    if (simd::avx512_selected()) return simd::plane_dot_f32(u, p, n, shift, s1, s2);
+    if (simd::avx2_selected()) return simd::avx2::plane_dot_f32(u, p, n, shift, s1, s2);
   }
   scalar_t a1[kLanes] = {}, a2[kLanes] = {};
   int64_t k = 0;
@@ -106,8 +109,12 @@ template <typename scalar_t>
 inline void pooled_grad_sums(const scalar_t* grad_out, const int8_t* code, const scalar_t* full, const Geometry& g,
                              scalar_t shift, scalar_t* gz, scalar_t* vals, double& s1, double& s2) {
   if constexpr (std::is_same_v<scalar_t, float>) {
-    if (simd::avx512_available()) {
+    if (simd::avx512_selected()) {
       simd::pooled_grad_sums_f32(grad_out, code, full, g.h, g.w, shift, s1, s2);
+      return;
+    }
+    if (simd::avx2_selected() && g.wo >= simd::avx2::kMinBackwardCells) {
+      simd::avx2::pooled_grad_sums_f32(grad_out, code, full, g.h, g.w, shift, gz, vals, s1, s2);
       return;
     }
   }
@@ -172,14 +179,18 @@ inline void pool_plane_even(const scalar_t* plane, const Geometry& g, scalar_t s
   for (int64_t k = 0; k < g.howo; ++k) code[k] = static_cast<int8_t>(code32[k]);
 }
 
-// Pooled output and argmax code of one plane, z = y * scale + offs: the AVX-512 or the even-width kernel where
+// Pooled output and argmax code of one plane, z = y * scale + offs: the SIMD or the even-width kernel where
 // the channel is finite, else the NaN-aware cell by cell rule. h, hb: H*W/2 + 1 scratch; code32: Ho*Wo scratch.
 template <typename scalar_t>
 inline void pool_plane(const scalar_t* plane, const Geometry& g, scalar_t scale, scalar_t offs, bool finite,
                        scalar_t* out, int8_t* code, scalar_t* h, int32_t* hb, int32_t* code32) {
   if constexpr (std::is_same_v<scalar_t, float>) {
-    if (finite && simd::avx512_available()) {
+    if (finite && simd::avx512_selected()) {
       simd::pool_plane_f32(plane, g.h, g.w, scale, offs, out, code);
+      return;
+    }
+    if (finite && simd::avx2_selected()) {
+      simd::avx2::pool_plane_f32(plane, g.h, g.w, scale, offs, out, code);
       return;
     }
   }

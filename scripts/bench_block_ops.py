@@ -5,9 +5,10 @@ Rows: ``bn_relu_pool`` (BatchNorm with batch statistics + ReLU + 2x2 max-pool) f
 backward on the 28x28, 14x14 and 7x7 maps against ``max_pool2d(relu(batch_norm(x)))`` and its autograd;
 the fused stem ``conv3x3_bn_relu_pool`` forward and backward on 75 28x28 images against ``F.conv2d``
 followed by the fused tail (what Conv-4's first block runs without the stem); a second-order inner step through
-the stem on a 5-image support with its conv as ``conv3x3_patches`` against ``F.conv2d``. Each block-kernel setting
-(AVX-512 where the CPU has it, and the generic loops via ``METAFORMER_SIMD=0``) runs in its own child
-process, since the choice is made once per process.
+the stem on a 5-image support with its conv as ``conv3x3_patches`` against ``F.conv2d``. Each block-kernel set
+(the best the CPU has, AVX2 + FMA via ``METAFORMER_SIMD=avx2``, the generic loops via ``METAFORMER_SIMD=0``)
+runs in its own child process, since the choice is made once per process; a set the CPU lacks is reported once
+under the set it fell back to.
 
 Usage: .venv/bin/python scripts/bench_block_ops.py [--threads 1] [--repeats 30] [--md-out F]
 """
@@ -139,7 +140,7 @@ def main() -> None:
     import torch
 
     results = {}
-    for simd in ("1", "0"):
+    for simd in ("1", "avx2", "0"):
         env = {**os.environ, "METAFORMER_SIMD": simd, "OMP_NUM_THREADS": str(a.threads)}
         cmd = [sys.executable, __file__, "--child", "--threads", str(a.threads), "--repeats", str(a.repeats)]
         out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, check=True).stdout

@@ -277,7 +277,7 @@ def main_parent(a: argparse.Namespace) -> None:
 
 
 def cpu_kernels() -> str:
-    """Which kernels metaformer's fused Conv-4 block ops run here ("avx512", "generic", or "none" unbuilt)."""
+    """Which kernels metaformer's fused Conv-4 block ops run here ("avx512", "avx2", "generic", "none" unbuilt)."""
     try:
         import metaformer.ops  # noqa: F401  (registers the ops)
 

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 # even and odd sizes (odd rows/columns join the statistics but not the pooling), one image, one channel
 SHAPES = [(3, 4, 6, 6), (2, 3, 7, 5), (5, 2, 3, 3), (1, 1, 4, 2), (4, 3, 2, 8)]
-# rows of the AVX-512 kernels: Omniglot's 28 (14 pooled cells, one masked chunk), two chunks of 16 cells
+# rows of the AVX-512 kernels (the AVX2 ones: test_ops_avx2_kernels.py): Omniglot's 28 (14 pooled cells, one masked chunk), two chunks of 16 cells
 # (40, and odd 41 whose last column is in no window), a third chunk (66), odd heights; plain loads where
 # 32 floats fit in the plane, masked ones at its end
 WIDE_SHAPES = [(2, 3, 28, 28), (2, 2, 9, 41), (1, 2, 6, 66), (3, 2, 7, 40)]

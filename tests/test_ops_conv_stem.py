@@ -1,5 +1,5 @@
 """The fused Conv-4 stem (conv 3x3 + batch-statistics BatchNorm + ReLU + 2x2 max-pool) against its composite,
-its use in the MAML query pass, and the AVX-512 block kernels against the generic ones."""
+its use in the MAML query pass, and the best block kernels (AVX-512 or AVX2) against the generic ones."""
 
 from __future__ import annotations
 
@@ -128,7 +128,7 @@ def maml_meta_grad(fused: bool, dtype: torch.dtype) -> list[Tensor]:
 def test_the_heads_use_the_stem_where_it_is_the_faster() -> None:
     head = MAML(Conv4(1, hidden=6, num_blocks=2), 3)
     assert head.fused_query_stem is None
-    assert head.query_stem_fused() == (torch.ops.metaformer.cpu_kernels() == "avx512")
+    assert head.query_stem_fused() == (torch.ops.metaformer.cpu_kernels() in ("avx512", "avx2"))
     head.fused_query_stem = False
     assert not head.query_stem_fused()
 
@@ -194,10 +194,11 @@ def test_only_second_order_support_passes_run_the_stem_as_patches(monkeypatch) -
     assert not calls  # first order: each support pass is differentiated once, where F.conv2d is as fast
 
 
-# Run in a child with METAFORMER_SIMD=0 (the generic kernels) and in one with the AVX-512 kernels where the CPU
-# has them: statistics and argmax codes agree bit for bit (same arithmetic in the same order), BatchNorm+ReLU+
-# max-pool outputs too; the stem's conv planes use fused multiply-adds on AVX-512, so its outputs and all
-# gradients agree to rounding.
+# Run in a child with METAFORMER_SIMD=0 (the generic kernels) and in one with the best kernels the CPU has
+# (AVX-512, else AVX2): statistics and argmax codes agree bit for bit (same arithmetic in the same order),
+# BatchNorm+ReLU+max-pool outputs too; the stem's conv planes use fused multiply-adds, and the AVX-512
+# pooled_grad_sums adds its cells in another order, so the stem's outputs and all gradients agree to rounding
+# (the AVX2 kernels against the generic ones, bit for bit: test_ops_avx2_kernels.py).
 CHILD = """
 import sys, torch
 import metaformer.ops  # noqa: F401  (registers the ops)
@@ -233,7 +234,7 @@ def test_avx512_kernels_equal_the_generic_ones(tmp_path: Path) -> None:
         subprocess.run([sys.executable, "-c", CHILD, str(path)], env=env, cwd=root, check=True)
         results[simd] = torch.load(path)
     assert results["0"]["kernels"] == "generic"
-    assert results["1"]["kernels"] in ("avx512", "generic")  # generic where the CPU lacks AVX-512
+    assert results["1"]["kernels"] in ("avx512", "avx2", "generic")  # generic where the CPU lacks AVX2 + FMA
     for key, fast in results["1"].items():
         if key == "kernels":
             continue

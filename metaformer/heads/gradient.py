@@ -143,7 +143,7 @@ class GradientHead(FewShotHead):
         self.max_grad_norm = max_grad_norm
         # the query pass of the predictors is differentiated once (the meta-gradient), so a Conv-4 stem may run
         # as the once-differentiable fused op there (metaformer.ops.conv_bn_relu_pool). None: where it is the
-        # faster (the AVX-512 kernels); True / False force it (False for higher-order gradients through the
+        # faster (the AVX-512 or AVX2 kernels); True / False force it (False for higher-order gradients through the
         # query pass)
         self.fused_query_stem: Optional[bool] = None
         bn_layers = batchnorm_modules(backbone)

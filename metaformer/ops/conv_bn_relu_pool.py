@@ -12,8 +12,8 @@ computed before.
 The fused op is differentiable once: it gives the gradients of the conv weight and of the BatchNorm affine
 parameters (the conv bias gets exact zeros: with batch statistics it cancels), not of the input, and its
 backward raises under ``create_graph=True``. That is all a MAML query pass needs (its graph meets one
-backward, the meta-gradient's). The heads use it where ``stem_is_fast()`` (CPUs with the AVX-512 kernels;
-the generic loops are slower than ATen's convolution); ``head.fused_query_stem = True / False`` forces it on
+backward, the meta-gradient's). The heads use it where ``stem_is_fast()`` (CPUs with the AVX-512 or the
+AVX2 + FMA kernels; the generic loops are slower than ATen's convolution); ``head.fused_query_stem = True / False`` forces it on
 or off (False for higher-order gradients through the query pass).
 """
 
@@ -40,12 +40,13 @@ _HAS_OP = _EXTENSION is not None and hasattr(torch.ops.metaformer, "conv3x3_bn_r
 
 @lru_cache(maxsize=1)  # the extension picks its kernels once per process (METAFORMER_SIMD is read once)
 def stem_is_fast() -> bool:
-    """Whether the fused stem beats conv2d + the fused tail here: only with the AVX-512 plane kernels.
+    """Whether the fused stem beats conv2d + the fused tail here: with the AVX-512 or AVX2 plane kernels.
 
     Measured (scripts/bench_block_ops.py, session 11): forward + backward on 75 28x28 images 8.5 ms fused
-    against 16.2 ms unfused with the AVX-512 kernels, but 53 ms against 30 ms with the generic loops.
+    against 16.2 ms unfused with the AVX-512 kernels, but 53 ms against 30 ms with the generic loops; with
+    the AVX2 kernels (METAFORMER_SIMD=avx2 on the same AVX-512 CPU, docs/benchmarks.md) 8.3 ms against 11.2 ms.
     """
-    return _HAS_OP and str(torch.ops.metaformer.cpu_kernels()) == "avx512"
+    return _HAS_OP and str(torch.ops.metaformer.cpu_kernels()) in ("avx512", "avx2")
 
 
 def conv_stem_reference(x: Tensor, conv_weight: Tensor, conv_bias: Optional[Tensor], bn_weight: Tensor,
