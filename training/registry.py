@@ -86,10 +86,8 @@ def _omniglot_source(cfg: Config, split: str, data_root: Optional[str]) -> Any:
     split_seed = int(opts.pop("split_seed", 0))
     if opts:
         raise ConfigError(f"unknown data.options for omniglot: {sorted(opts)}; valid: split_scheme, rotations, split_seed")
-    if split not in OMNIGLOT_PARTS:
-        part = {cfg.data.train_split: "train", cfg.data.val_split: "val", cfg.data.test_split: "test"}.get(split, split)
-    else:
-        part = split
+    named = {cfg.data.train_split: "train", cfg.data.val_split: "val", cfg.data.test_split: "test"}
+    part = split if split in OMNIGLOT_PARTS else named.get(split, split)
     if part not in OMNIGLOT_PARTS:
         raise ConfigError(f"Omniglot has no split {split!r}; valid parts: {', '.join(OMNIGLOT_PARTS)} "
                           "(set data.train_split / val_split / test_split to one of them)")
