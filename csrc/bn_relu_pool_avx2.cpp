@@ -264,12 +264,7 @@ METAFORMER_AVX2 void write_grad_plane_f32(const float* y, const float* grad_out,
     }
   }
   // an odd last column and an odd last row belong to no window: e0 - y * e1 only
-  if (w % 2 == 1) {
-    for (int64_t r = 0; r < 2 * ho; ++r) grad_y[r * w + w - 1] = e0 - y[r * w + w - 1] * e1;
-  }
-  if (h % 2 == 1) {
-    for (int64_t x = 0; x < w; ++x) grad_y[(h - 1) * w + x] = e0 - y[(h - 1) * w + x] * e1;
-  }
+  for_unpooled_edges(h, w, [&](int64_t idx) { grad_y[idx] = e0 - y[idx] * e1; });
 }
 
 METAFORMER_AVX2 void scatter_plane_f32(const float* grad_out, const int8_t* code, int64_t h, int64_t w, float* out) {
@@ -289,12 +284,7 @@ METAFORMER_AVX2 void scatter_plane_f32(const float* grad_out, const int8_t* code
       }
     }
   }
-  if (w % 2 == 1) {
-    for (int64_t r = 0; r < 2 * ho; ++r) out[r * w + w - 1] = 0.0f;
-  }
-  if (h % 2 == 1) {
-    for (int64_t x = 0; x < w; ++x) out[(h - 1) * w + x] = 0.0f;
-  }
+  for_unpooled_edges(h, w, [&](int64_t idx) { out[idx] = 0.0f; });
 }
 
 // The stem: as on AVX-512, one image's patch rows stay in registers for a chunk of positions while several

@@ -216,12 +216,7 @@ METAFORMER_AVX512 void write_grad_plane_f32(const float* y, const float* grad_ou
     }
   }
   // an odd last column and an odd last row belong to no window: e0 - y * e1 only
-  if (w % 2 == 1) {
-    for (int64_t r = 0; r < 2 * ho; ++r) grad_y[r * w + w - 1] = e0 - y[r * w + w - 1] * e1;
-  }
-  if (h % 2 == 1) {
-    for (int64_t x = 0; x < w; ++x) grad_y[(h - 1) * w + x] = e0 - y[(h - 1) * w + x] * e1;
-  }
+  for_unpooled_edges(h, w, [&](int64_t idx) { grad_y[idx] = e0 - y[idx] * e1; });
 }
 
 // The rows of one image stay in registers for a chunk of 16 positions while several output channels use
@@ -334,12 +329,7 @@ METAFORMER_AVX512 void scatter_plane_f32(const float* grad_out, const int8_t* co
       }
     }
   }
-  if (w % 2 == 1) {
-    for (int64_t r = 0; r < 2 * ho; ++r) out[r * w + w - 1] = 0.0f;
-  }
-  if (h % 2 == 1) {
-    for (int64_t x = 0; x < w; ++x) out[(h - 1) * w + x] = 0.0f;
-  }
+  for_unpooled_edges(h, w, [&](int64_t idx) { out[idx] = 0.0f; });
 }
 
 #else  // no AVX-512 kernels on this compiler / architecture: the generic kernels run everywhere

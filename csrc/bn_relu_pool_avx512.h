@@ -56,6 +56,18 @@ inline void finish_dot(const T* a1, const T* a2, const T* u, const T* p, int64_t
   s2 += r2;
 }
 
+// Calls f(k) for each element k of an [h, w] plane that lies in no 2x2 window (an odd last column, an odd last
+// row): the vector kernels write only the windows' elements, these get their value from f.
+template <typename F>
+inline void for_unpooled_edges(int64_t h, int64_t w, F f) {
+  if (w % 2 == 1) {
+    for (int64_t r = 0; r < 2 * (h / 2); ++r) f(r * w + w - 1);
+  }
+  if (h % 2 == 1) {
+    for (int64_t x = 0; x < w; ++x) f((h - 1) * w + x);
+  }
+}
+
 // The float32 plane kernel sets, in order of preference: AVX-512 (F/BW/VL/DQ; this file), AVX2 + FMA
 // (bn_relu_pool_avx2.h) and the generic loops of pool_planes.h (any CPU, float64 too).
 enum class Kernels { generic = 0, avx2 = 1, avx512 = 2 };
