@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Probes of the Meta-Transformer on the frozen features of a trained ProtoNet backbone (issue 4).
 
-Embeds the train / val / test splits of the ProtoNet run's data once (cached in --cache), then trains a
-Meta-Transformer (d_model 128, 4 layers, 4 heads) on 20-way 1-shot 5-query episodes of the training
-features for --minutes on one thread, and evaluates it on 1000 fixed test episodes (eval seed 2024, 15
+Embeds the train / val / test splits of the ProtoNet run's data once (cached in --cache; "train" is the run's
+own data.train_split, e.g. trainval), then trains a Meta-Transformer (by default d_model 128, 4 layers, 4
+heads, label readout; --d-model, --layers, --heads, --readout, --weight-decay change it) on 20-way 1-shot
+5-query episodes of the training features for --minutes (or --steps) on one thread, and evaluates it on 1000 fixed test episodes (eval seed 2024, 15
 queries) in the four Omniglot settings. Variants, each a regulariser tried against the learner's gap
 between training and held-out accuracy:
 
@@ -12,6 +13,8 @@ between training and held-out accuracy:
   drawn afresh from its clean view and its K copies.
 - ``--rot``: each task's features, standardised with the training split's mean and std, are turned by a
   random orthogonal matrix (so the learner cannot key on particular feature directions).
+- ``--flip-classes``: the horizontally mirrored training images join as new classes (twice the classes, as
+  rotations do in the first place), embedded once by the same backbone, which never saw them.
 - ``--protores``: the logits get ``- alpha * ||q - c_k||^2`` added (ProtoNet's rule on the backbone
   features, alpha learned, starting at 1), so the learner only learns a residual on top of ProtoNet.
 
@@ -75,6 +78,14 @@ class RandomAffine(nn.Module):
         return F.grid_sample(x, grid, align_corners=False, padding_mode="zeros")
 
 
+class HorizontalFlip(nn.Module):
+    """Mirror a batch of images [B, C, H, W] left to right."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The images flipped along their width."""
+        return x.flip(-1)
+
+
 class ProtoResidualMT(MetaTransformer):
     """A Meta-Transformer whose logits add ProtoNet's ``-alpha * squared distance`` to the class means of its input features."""
 
@@ -95,8 +106,9 @@ def split_features(backbone: nn.Module | None, cfg: Config | None, data_root: st
     if cache.exists():
         return torch.load(cache)
     feats = {}
-    for split in ("train", "val", "test"):
-        src = build_episodes(cfg, split, data_root).source
+    # "train" holds the run's own training part (train, or trainval for a data.train_split=trainval run)
+    for split, part in (("train", cfg.data.train_split), ("val", "val"), ("test", "test")):
+        src = build_episodes(cfg, part, data_root).source
         fs = feature_source(backbone, src, batch_size=1024)
         labels = torch.repeat_interleave(torch.arange(fs.num_classes), fs.sizes)
         feats[split] = (fs.items, labels, [fs.class_name(c) for c in range(fs.num_classes)])
@@ -126,25 +138,40 @@ def main() -> None:
     p.add_argument("--cache", type=Path, required=True, help="file for the cached features")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--minutes", type=float, default=10.0)
+    p.add_argument("--steps", type=int, default=0, help="train this many steps instead of --minutes (load-independent)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--aug", type=int, default=0, help="augmented copies of the training images")
     p.add_argument("--aug-strength", type=float, default=1.0)
     p.add_argument("--rot", action="store_true", help="random orthogonal rotation of standardised features per task")
+    p.add_argument("--flip-classes", action="store_true", help="mirrored training images as new classes")
     p.add_argument("--protores", action="store_true", help="add ProtoNet's logits (learned scale) to the learner's")
     p.add_argument("--eval-every", type=int, default=1000)
+    p.add_argument("--layers", type=int, default=4, help="the learner's Transformer layers")
+    p.add_argument("--d-model", type=int, default=128)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--readout", choices=("label", "prototype"), default="label")
+    p.add_argument("--weight-decay", type=float, default=0.01)
     a = p.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
     a.out.mkdir(parents=True, exist_ok=True)
     aug_cache = a.cache.with_name(f"{a.cache.stem}_aug{a.aug}_s{a.aug_strength}.pt")
+    flip_cache = a.cache.with_name(f"{a.cache.stem}_flip.pt")
     # the ProtoNet run is only read when a cache is missing
-    if not a.cache.exists() or (a.aug and not aug_cache.exists()):
+    if not a.cache.exists() or (a.aug and not aug_cache.exists()) or (a.flip_classes and not flip_cache.exists()):
         proto, ckpt = load_model(a.protonet)
         backbone, run_cfg = proto.backbone, ckpt.config
     else:
         backbone, run_cfg = None, None
     feats = split_features(backbone, run_cfg, a.data_root, a.cache)
+    if a.flip_classes:
+        if not flip_cache.exists():
+            src = build_episodes(run_cfg, run_cfg.data.train_split, a.data_root).source
+            torch.save(feature_source(nn.Sequential(HorizontalFlip(), backbone), src, batch_size=1024).items, flip_cache)
+        items, labels, names = feats["train"]
+        feats["train"] = (torch.cat([items, torch.load(flip_cache)]), torch.cat([labels, labels + len(names)]),
+                          names + [f"{n}/flip" for n in names])
     srcs = {k: TensorClassSource(v[0], v[1], v[2], name=k) for k, v in feats.items()}
     dim = int(srcs["train"].items.shape[1])
     copies = None
@@ -152,9 +179,10 @@ def main() -> None:
         copies = augmented_copies(backbone, run_cfg, a.data_root, srcs["train"].items, a.aug, a.aug_strength, aug_cache)
     mu, sd = srcs["train"].items.mean(0), srcs["train"].items.std(0) + 1e-6
     train = EpisodeSampler(srcs["train"], 20, 1, 5, seed=123)
-    cfg = MetaTransformerConfig(backbone="identity", d_model=128, n_layers=4, n_heads=4, max_way=20)
+    cfg = MetaTransformerConfig(backbone="identity", d_model=a.d_model, n_layers=a.layers, n_heads=a.heads, max_way=20,
+                                readout=a.readout)
     model = (ProtoResidualMT if a.protores else MetaTransformer)(cfg, backbone=FeatureIdentity(dim))
-    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.01)
+    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=a.weight_decay)
     gen = torch.Generator().manual_seed(7)
 
     def accuracy(split: str, n: int, k: int, episodes: int = 1000, seed: int = 2024) -> tuple[float, float]:
@@ -164,7 +192,7 @@ def main() -> None:
         return round(100 * r.mean, 2), round(100 * r.ci95, 2)
 
     log, step, t0 = [], 0, time.time()
-    while time.time() - t0 < a.minutes * 60:
+    while (step < a.steps) if a.steps else (time.time() - t0 < a.minutes * 60):
         if copies is not None and step % 5 == 0:
             n = copies.shape[1]
             pick = torch.randint(0, copies.shape[0], (n,), generator=gen)

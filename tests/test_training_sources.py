@@ -69,8 +69,20 @@ def test_omniglot_trainval_part_is_train_and_val_and_never_test() -> None:
     tv = load_config(CONFIGS / "omniglot_5w1s_protonet.yaml", [*over, "data.train_split=trainval"])
     assert build_episodes(tv, tv.data.train_split).source.class_names == names["trainval"]
     assert build_episodes(tv, "test").source.class_names == names["test"]
-    with pytest.raises(ConfigError, match="no split 'validation'; valid parts: train, val, test, trainval"):
+    with pytest.raises(ConfigError, match="no split 'validation'; valid parts: train, val, test, trainval, trainval_half0"):
         build_episodes(cfg, "validation")
+
+
+def test_omniglot_trainval_halves_split_its_alphabets_evenly() -> None:
+    cfg = load_config(CONFIGS / "omniglot_5w1s_protonet.yaml",
+                      [f"data.root={_data_root()}", "data.options={split_scheme: alphabets}"])
+    tv = build_episodes(cfg, "trainval").source
+    h0, h1 = (build_episodes(cfg, f"trainval_half{i}").source for i in (0, 1))
+    assert sorted(h0.class_names + h1.class_names) == sorted(tv.class_names)  # every class once
+    assert set(h0.groups).isdisjoint(h1.groups)  # never an alphabet in both halves
+    sizes = {g: tv.groups.count(g) for g in set(tv.groups)}
+    assert abs(h0.num_classes - h1.num_classes) <= max(sizes.values())  # the greedy split's bound
+    assert len(set(h0.groups)) + len(set(h1.groups)) == 25
 
 
 def test_bf16_autocast_on_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -61,8 +61,10 @@ def build_episodes(cfg: Config, split: str, data_root: Optional[str] = None) -> 
 
 OMNIGLOT_SCHEMES = ("vinyals", "alphabets")
 # Parts of an Omniglot split; "trainval" is train and val together (the final model of a run that no
-# longer needs its validation classes, e.g. data.train_split=trainval).
-OMNIGLOT_PARTS = ("train", "val", "test", "trainval")
+# longer needs its validation classes, e.g. data.train_split=trainval); "trainval_half0" / "_half1" split
+# those alphabets in two halves of about equal class counts, for cross-fitted runs (a model trained on one
+# half meets the other half's classes as new ones).
+OMNIGLOT_PARTS = ("train", "val", "test", "trainval", "trainval_half0", "trainval_half1")
 
 
 def _omniglot_source(cfg: Config, split: str, data_root: Optional[str]) -> Any:
@@ -71,7 +73,7 @@ def _omniglot_source(cfg: Config, split: str, data_root: Optional[str]) -> Any:
     data.options.split_scheme: "vinyals" (the standard benchmark split, rotations as classes; needs
     images_background.zip and images_evaluation.zip) or "alphabets" (background alphabets only, split by
     alphabet 20/5/5 into train/val/test, with rotations unless data.options.rotations is false). ``split`` is a
-    part name (train, val, test, trainval) or one of the config's data.*_split names.
+    part name (one of OMNIGLOT_PARTS) or one of the config's data.*_split names.
     """
     root = resolve_data_root(cfg, data_root)
     if root is None or not Path(root).is_dir():
@@ -97,16 +99,34 @@ def _omniglot_source(cfg: Config, split: str, data_root: Optional[str]) -> Any:
         if scheme == "alphabets":
             source = _cached_background(str(root), cfg.data.image_size, rotations)
             parts = data.omniglot_alphabet_split(source, counts={"train": 20, "val": 5, "test": 5}, seed=split_seed)
-            if part == "trainval":
+            if part.startswith("trainval"):
                 from metaformer.data.source import ClassSubset
 
-                return ClassSubset(source, parts["train"].index.tolist() + parts["val"].index.tolist())
+                trainval = ClassSubset(source, parts["train"].index.tolist() + parts["val"].index.tolist())
+                return trainval if part == "trainval" else _group_halves(trainval)[part]
             return parts[part]
     except (FileNotFoundError, ValueError, OSError) as exc:
         hint = ("; with the background zip only, use --set data.options.split_scheme=alphabets (split by alphabet)"
                 if scheme == "vinyals" and "images_evaluation" in str(exc) else "")
         raise ConfigError(f"cannot load Omniglot ({scheme} split, part {part!r}) from {root}: {exc}{hint}") from None
     raise ConfigError(f"data.options.split_scheme must be one of {', '.join(OMNIGLOT_SCHEMES)}, got {scheme!r}")
+
+
+def _group_halves(source: Any) -> dict[str, Any]:
+    """The source's groups (alphabets) in two parts of about equal class counts, "trainval_half0" and "_half1"."""
+    from collections import Counter
+
+    from metaformer.data.source import split_by_group
+
+    sizes = Counter(source.groups)
+    halves: dict[str, list[str]] = {"trainval_half0": [], "trainval_half1": []}
+    load = dict.fromkeys(halves, 0)
+    # largest group first into the lighter half: deterministic, and the halves differ by at most one group's size
+    for name in sorted(sizes, key=lambda g: (-sizes[g], g)):
+        part = min(load, key=lambda h: (load[h], h))
+        halves[part].append(name)
+        load[part] += sizes[name]
+    return split_by_group(source, groups=halves)
 
 
 def _cached_background(root: str, image_size: int, rotations: bool) -> Any:
