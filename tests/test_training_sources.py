@@ -73,6 +73,27 @@ def test_omniglot_trainval_part_is_train_and_val_and_never_test() -> None:
         build_episodes(cfg, "validation")
 
 
+def test_omniglot_train_mirrors_double_the_training_classes_only() -> None:
+    over = [f"data.root={_data_root()}", "data.options={split_scheme: alphabets}"]
+    cfg = load_config(CONFIGS / "omniglot_5w1s_protonet.yaml", over)
+    mir = load_config(CONFIGS / "omniglot_5w1s_protonet.yaml",
+                      [*over, "data.options={split_scheme: alphabets, train_mirrors: true}"])
+    plain, mirrored = build_episodes(cfg, "train").source, build_episodes(mir, "train").source
+    assert mirrored.num_classes == 2 * plain.num_classes
+    assert mirrored.class_names[2 * 7] == plain.class_names[7] and mirrored.class_names[2 * 7 + 1] == plain.class_names[7] + "/mirror"
+    assert mirrored.groups[2 * 7 + 1] == plain.groups[7]  # a split by alphabet stays one
+    classes, idx = torch.tensor([7, 7, 30]), torch.tensor([0, 3, 5])
+    orig = plain.get_items(classes, idx)
+    got = mirrored.get_items(torch.tensor([14, 15, 61]), idx)
+    assert torch.equal(got[0], orig[0]) and torch.equal(got[1], orig[1].flip(-1)) and torch.equal(got[2], orig[2].flip(-1))
+    assert not torch.equal(orig[1], orig[1].flip(-1))  # the check above can tell a mirror image apart
+    for part in ("val", "test"):  # held-out episodes never see a mirror image
+        assert build_episodes(mir, part).source.class_names == build_episodes(cfg, part).source.class_names
+    with pytest.raises(ConfigError, match="train_mirrors"):
+        build_episodes(load_config(CONFIGS / "omniglot_5w1s_protonet.yaml",
+                                   [*over, "data.options={split_scheme: alphabets, mirrors: true}"]), "train")
+
+
 def test_omniglot_trainval_halves_split_its_alphabets_evenly() -> None:
     cfg = load_config(CONFIGS / "omniglot_5w1s_protonet.yaml",
                       [f"data.root={_data_root()}", "data.options={split_scheme: alphabets}"])

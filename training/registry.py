@@ -3,6 +3,7 @@ needs the parts it names."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from pathlib import Path
 from typing import Any, Optional
@@ -72,7 +73,8 @@ def _omniglot_source(cfg: Config, split: str, data_root: Optional[str]) -> Any:
 
     data.options.split_scheme: "vinyals" (the standard benchmark split, rotations as classes; needs
     images_background.zip and images_evaluation.zip) or "alphabets" (background alphabets only, split by
-    alphabet 20/5/5 into train/val/test, with rotations unless data.options.rotations is false). ``split`` is a
+    alphabet 20/5/5 into train/val/test, with rotations unless data.options.rotations is false;
+    data.options.train_mirrors adds each training class's mirror image as a new class). ``split`` is a
     part name (one of OMNIGLOT_PARTS) or one of the config's data.*_split names.
     """
     root = resolve_data_root(cfg, data_root)
@@ -86,8 +88,17 @@ def _omniglot_source(cfg: Config, split: str, data_root: Optional[str]) -> Any:
     scheme = opts.pop("split_scheme", "vinyals")
     rotations = bool(opts.pop("rotations", True))
     split_seed = int(opts.pop("split_seed", 0))
+    train_mirrors = bool(opts.pop("train_mirrors", False))
     if opts:
-        raise ConfigError(f"unknown data.options for omniglot: {sorted(opts)}; valid: split_scheme, rotations, split_seed")
+        raise ConfigError(f"unknown data.options for omniglot: {sorted(opts)}; "
+                          "valid: split_scheme, rotations, split_seed, train_mirrors")
+    if train_mirrors and split == cfg.data.train_split:
+        # mirror images join the training classes only: validation and test episodes stay the split's own
+        from metaformer.data.source import MirroredClasses
+
+        plain = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, options={**cfg.data.options,
+                                                                                     "train_mirrors": False}))
+        return MirroredClasses(_omniglot_source(plain, split, data_root))
     named = {cfg.data.train_split: "train", cfg.data.val_split: "val", cfg.data.test_split: "test"}
     part = split if split in OMNIGLOT_PARTS else named.get(split, split)
     if part not in OMNIGLOT_PARTS:

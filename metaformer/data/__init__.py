@@ -15,7 +15,7 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
                  "resolve_data_root"],
     "sampler": ["EpisodeSampler"],
     "sinusoid": ["SinusoidFamily"],
-    "source": ["ClassSource", "ClassSubset", "RotatedClasses", "TensorClassSource", "TextClassSource",
+    "source": ["ClassSource", "ClassSubset", "MirroredClasses", "RotatedClasses", "TensorClassSource", "TextClassSource",
                "split_by_class", "split_by_group", "with_rotations"],
     "text": ["clinc150_source", "jsonl_text_source"],
 })
@@ -38,6 +38,7 @@ if TYPE_CHECKING:  # static tools see the real names
     from metaformer.data.source import (
         ClassSource,
         ClassSubset,
+        MirroredClasses,
         RotatedClasses,
         TensorClassSource,
         TextClassSource,

@@ -19,6 +19,7 @@ __all__ = [
     "TextClassSource",
     "ClassSubset",
     "split_by_group",
+    "MirroredClasses",
     "split_by_class",
     "RotatedClasses",
     "with_rotations",
@@ -378,6 +379,39 @@ class RotatedClasses(_NamedClasses):
             if k:
                 sel = turns == k
                 out[sel] = torch.rot90(out[sel], k, dims=(-2, -1))
+        return out
+
+
+class MirroredClasses(_NamedClasses):
+    """Each parent class and its left-right mirror image: class 2c is class c, class 2c + 1 its mirror.
+
+    For characters a mirror image is a new character (as a rotation is), so it doubles the classes a
+    learner trains on; classes keep their parent's group, so a split by group stays one.
+    """
+
+    def __init__(self, parent: ClassSource) -> None:
+        if parent.modality != "image":
+            raise ValueError("mirror images as classes need an image source; text cannot be mirrored")
+        self.parent = parent
+        self._class_names = [f"{n}{m}" for n in parent.class_names for m in ("", "/mirror")]
+        g = parent.groups
+        self._groups = None if g is None else [x for x in g for _ in range(2)]
+
+    @property
+    def item_shape(self) -> tuple[int, ...]:
+        """Shape of one item (from the parent)."""
+        return self.parent.item_shape  # type: ignore[attr-defined]
+
+    def sizes_of(self, classes: Tensor) -> Tensor:
+        """Number of items of each class."""
+        return self.parent.sizes_of(torch.div(classes, 2, rounding_mode="floor"))
+
+    def get_items(self, classes: Tensor, indices: Tensor) -> Tensor:
+        """Items of the parent class, flipped along the width for the odd (mirror) classes."""
+        out = self.parent.get_items(torch.div(classes, 2, rounding_mode="floor"), indices)
+        odd = classes % 2 == 1
+        if bool(odd.any()):
+            out[odd] = out[odd].flip(-1)
         return out
 
 
