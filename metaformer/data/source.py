@@ -390,6 +390,7 @@ class MirroredClasses(_NamedClasses):
     """
 
     def __init__(self, parent: ClassSource) -> None:
+        """Wrap ``parent``; only image sources can be mirrored."""
         if parent.modality != "image":
             raise ValueError("mirror images as classes need an image source; text cannot be mirrored")
         self.parent = parent
