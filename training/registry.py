@@ -3,7 +3,6 @@ needs the parts it names."""
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 from pathlib import Path
 from typing import Any, Optional
@@ -83,7 +82,6 @@ def _omniglot_source(cfg: Config, split: str, data_root: Optional[str]) -> Any:
             "data.source=omniglot needs the data folder: pass --data-root, set data.root or $METAFORMER_DATA_ROOT "
             "(a folder holding omniglot/images_background.zip)"
         )
-    data = _import("metaformer.data.omniglot", "data.source=omniglot")
     opts = dict(cfg.data.options)
     scheme = opts.pop("split_scheme", "vinyals")
     rotations = bool(opts.pop("rotations", True))
@@ -92,18 +90,23 @@ def _omniglot_source(cfg: Config, split: str, data_root: Optional[str]) -> Any:
     if opts:
         raise ConfigError(f"unknown data.options for omniglot: {sorted(opts)}; "
                           "valid: split_scheme, rotations, split_seed, train_mirrors")
-    if train_mirrors and split == cfg.data.train_split:
-        # mirror images join the training classes only: validation and test episodes stay the split's own
-        from metaformer.data.source import MirroredClasses
-
-        plain = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, options={**cfg.data.options,
-                                                                                     "train_mirrors": False}))
-        return MirroredClasses(_omniglot_source(plain, split, data_root))
     named = {cfg.data.train_split: "train", cfg.data.val_split: "val", cfg.data.test_split: "test"}
     part = split if split in OMNIGLOT_PARTS else named.get(split, split)
     if part not in OMNIGLOT_PARTS:
         raise ConfigError(f"Omniglot has no split {split!r}; valid parts: {', '.join(OMNIGLOT_PARTS)} "
                           "(set data.train_split / val_split / test_split to one of them)")
+    source = _omniglot_part(cfg, root, part, scheme, rotations, split_seed)
+    if train_mirrors and split == cfg.data.train_split:
+        # mirror images join the training classes only: validation and test episodes stay the split's own
+        from metaformer.data.source import MirroredClasses
+
+        return MirroredClasses(source)
+    return source
+
+
+def _omniglot_part(cfg: Config, root: Any, part: str, scheme: str, rotations: bool, split_seed: int) -> Any:
+    """The classes of one part (a name in OMNIGLOT_PARTS) of the configured split scheme."""
+    data = _import("metaformer.data.omniglot", "data.source=omniglot")
     try:
         if scheme == "vinyals":
             return data.omniglot_vinyals_split(root, part=part, image_size=cfg.data.image_size, download=False)
