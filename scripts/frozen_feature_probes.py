@@ -3,7 +3,7 @@
 
 Embeds the train / val / test splits of the ProtoNet run's data once (cached in --cache; "train" is the run's
 own data.train_split, e.g. trainval), then trains a Meta-Transformer (by default d_model 128, 4 layers, 4
-heads, label readout; --d-model, --layers, --heads, --readout, --weight-decay change it) on 20-way 1-shot
+heads, label readout; --d-model, --layers, --heads, --readout, --weight-decay change it) on 20-way (--ways) 1-shot
 5-query episodes of the training features for --minutes (or --steps) on one thread, and evaluates it on 1000 fixed test episodes (eval seed 2024, 15
 queries) in the four Omniglot settings. Variants, each a regulariser tried against the learner's gap
 between training and held-out accuracy:
@@ -152,6 +152,7 @@ def main() -> None:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--readout", choices=("label", "prototype"), default="label")
     p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--ways", type=int, default=20, help="classes per training episode (evaluation stays 5- and 20-way)")
     a = p.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -178,8 +179,9 @@ def main() -> None:
     if a.aug:
         copies = augmented_copies(backbone, run_cfg, a.data_root, srcs["train"].items, a.aug, a.aug_strength, aug_cache)
     mu, sd = srcs["train"].items.mean(0), srcs["train"].items.std(0) + 1e-6
-    train = EpisodeSampler(srcs["train"], 20, 1, 5, seed=123)
-    cfg = MetaTransformerConfig(backbone="identity", d_model=a.d_model, n_layers=a.layers, n_heads=a.heads, max_way=20,
+    train = EpisodeSampler(srcs["train"], a.ways, 1, 5, seed=123)
+    cfg = MetaTransformerConfig(backbone="identity", d_model=a.d_model, n_layers=a.layers, n_heads=a.heads,
+                                max_way=max(20, a.ways),
                                 readout=a.readout)
     model = (ProtoResidualMT if a.protores else MetaTransformer)(cfg, backbone=FeatureIdentity(dim))
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=a.weight_decay)

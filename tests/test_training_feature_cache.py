@@ -20,7 +20,9 @@ from training.trainer import Trainer
 TINY = Path(__file__).resolve().parents[1] / "training" / "configs" / "tiny.yaml"
 FROZEN = ["model.options={d_model: 16, n_layers: 1, n_heads: 2, dropout: 0.0, freeze_backbone: true}"]
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+# these runs freeze a random backbone on purpose (the trainer warns about it; tested in test_training_warm_start.py)
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.filterwarnings("ignore:model.options.freeze_backbone is true:UserWarning")]
 
 
 def frozen_model(seed: int = 0) -> MetaTransformer:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -96,3 +97,13 @@ def test_resume_keeps_the_checkpoint_not_the_source(sources: dict[str, Path], tm
     assert all(torch.equal(v, trained[k]) for k, v in resumed.model.state_dict().items())
     src = _state(sources["protonet"])
     assert not torch.equal(resumed.model.state_dict()["backbone.features.0.weight"], src["backbone.features.0.weight"])
+
+
+def test_a_frozen_backbone_without_a_warm_start_warns(sources: dict[str, Path], tmp_path: Path) -> None:
+    frozen = "model.options={freeze_backbone: true}"
+    with pytest.warns(UserWarning, match=r"freeze_backbone is true but train.init_from is not set.*conv4"):
+        Trainer(load_config(TINY, [f"out_dir={tmp_path / 'random'}", frozen]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Trainer(load_config(TINY, [f"out_dir={tmp_path / 'warm'}", frozen, f"train.init_from={sources['protonet']}"]))
+        Trainer(load_config(TINY, [f"out_dir={tmp_path / 'trains'}"]))

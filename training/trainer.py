@@ -82,6 +82,21 @@ BF16_SLOW_CPU_WARNING = (
     "train.precision=fp32 on this machine")
 
 
+FROZEN_RANDOM_BACKBONE_WARNING = (
+    "model.options.freeze_backbone is true but train.init_from is not set: the {backbone} backbone stays at its "
+    "random initialisation for the whole run. Set train.init_from to a trained run folder (e.g. a ProtoNet run, "
+    "the recipe in docs/omniglot_runs.md), or drop freeze_backbone to train the backbone too"
+)
+
+
+def frozen_at_random_init(cfg: Config) -> bool:
+    """Whether the config freezes a backbone that only a warm start could give trained weights (conv4, resnet12, mlp)."""
+    from metaformer.models.backbones import BACKBONES
+
+    name = str(cfg.model.backbone).lower().replace("-", "").replace("_", "")
+    return cfg.model.options.get("freeze_backbone") is True and name in BACKBONES
+
+
 def cpu_has_fast_bf16() -> bool:
     """Whether oneDNN runs bf16 convolutions and matmuls natively on this CPU (AVX-512 BF16 or AMX)."""
     try:
@@ -163,6 +178,8 @@ class Trainer:
             report = warm_start(self.model, t.init_from, t.init_rename)
             if self.info.is_main:
                 print(report.summary(), flush=True)
+        elif not restored and self.info.is_main and frozen_at_random_init(cfg):
+            warnings.warn(FROZEN_RANDOM_BACKBONE_WARNING.format(backbone=cfg.model.backbone), stacklevel=2)
         if self.info.enabled:
             self.wrapped: nn.Module = torch.nn.parallel.DistributedDataParallel(
                 LossModule(self.model), device_ids=[self.device.index] if self.device.type == "cuda" else None,
