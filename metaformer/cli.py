@@ -1,4 +1,4 @@
-"""The `metaformer` command: train, eval, demo and predict subcommands."""
+"""The `metaformer` command: train, eval, compare, demo and predict subcommands."""
 
 from __future__ import annotations
 
@@ -29,6 +29,11 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="cpu")
     e.add_argument("--data-root", default=None)
     e.add_argument("--no-progress", action="store_true")
+
+    c = sub.add_parser("compare", help="one table, with paired differences, from eval.json files of the same episodes")
+    c.add_argument("reports", nargs="+", help="eval.json files (or their folders) written by `metaformer eval`; the "
+                   "first is the reference of the paired differences")
+    c.add_argument("--out", default=None, help="also write the combined eval.json and eval.md here")
 
     d = sub.add_parser("demo", help="offline glyph demo: Meta-Transformer vs ProtoNet vs FOMAML on Conv-4")
     d.add_argument("--out", default="runs/demo", help="output folder (tables, PNGs, runs)")
@@ -78,6 +83,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             args.set = args.set or []
             return run_eval(args)
+        if args.command == "compare":
+            from training.eval_cli import run_compare
+
+            try:
+                return run_compare(args)
+            except (ValueError, OSError) as exc:
+                print(f"metaformer compare: error: {exc}", file=sys.stderr)
+                return 2
         if args.command == "demo":
             from training.demo import run_demo
 

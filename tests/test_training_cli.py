@@ -37,8 +37,11 @@ def test_train_then_eval_two_checkpoints(tmp_path: Path, capsys: pytest.CaptureF
     out = tmp_path / "cmp"
     assert main(["eval", "--checkpoint", str(a), str(b), "--episodes", "30", "--out", str(out), "--no-progress"]) == 0
     printed = capsys.readouterr().out
-    table = (out / "eval.md").read_text()
-    assert table in printed and table.count("\n") == 4  # header, rule, two rows
+    report = (out / "eval.md").read_text()
+    assert report in printed
+    table, paired = report.split("\n\n", 1)
+    assert table.count("\n") == 3  # header, rule, two rows
+    assert paired.startswith("Paired differences from tiny on the same 30 episodes")
     data = json.loads((out / "eval.json").read_text())
     assert data["episodes"] == 30 and data["seed"] == 2024
     assert [r["name"] for r in data["results"]] == ["tiny", "tiny (proto)"]
@@ -46,6 +49,28 @@ def test_train_then_eval_two_checkpoints(tmp_path: Path, capsys: pytest.CaptureF
         assert r["episodes"] == 30 and len(r["per_episode"]) == 30 and r["step"] == 6
         assert r["mean"] == pytest.approx(sum(r["per_episode"]) / 30)
         assert 0 <= r["ci95"] < 0.5
+    ra, rb = data["results"]
+    assert ra["episodes_digest"] == rb["episodes_digest"]
+    (d,) = data["paired_vs_first"]
+    diffs = [y - x for x, y in zip(ra["per_episode"], rb["per_episode"])]
+    assert d["mean"] == pytest.approx(sum(diffs) / 30) and d["wins"] == sum(x > 0 for x in diffs)
+    assert f"| tiny (proto) | {100 * d['mean']:+.2f} |" in paired
+
+    # each run evaluated on its own, then `metaformer compare`: the same pairing from the two eval.json files
+    for run in (a, b):
+        assert main(["eval", "--checkpoint", str(run), "--episodes", "30", "--out", str(tmp_path / f"ev_{run.name}"),
+                     "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["compare", str(tmp_path / "ev_mt"), str(tmp_path / "ev_proto" / "eval.json"), "--out",
+                 str(tmp_path / "both")]) == 0
+    both = json.loads((tmp_path / "both" / "eval.json").read_text())
+    assert both["paired_vs_first"][0]["mean"] == pytest.approx(d["mean"])
+    assert both["results"][0]["per_episode"] == ra["per_episode"]
+    # other episodes are refused with the key that differs
+    assert main(["eval", "--checkpoint", str(b), "--episodes", "20", "--out", str(tmp_path / "ev20"), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["compare", str(tmp_path / "ev_mt"), str(tmp_path / "ev20")]) == 2
+    assert "not evaluated on the same episodes (episodes: 30 vs 20)" in capsys.readouterr().err
 
 
 def test_demo_quick(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -11,7 +11,8 @@ import torch
 
 from metaformer.data import EpisodeBatch
 from training.config import load_config
-from training.evaluation import EvalResult, episode_scores, evaluate, markdown_table, mean_ci95, write_report
+from training.evaluation import (EvalResult, combine_reports, episode_scores, evaluate, markdown_table, mean_ci95,
+                                 paired_difference, paired_table, write_report)
 from training.registry import build_episodes, build_model
 
 TINY = Path(__file__).resolve().parents[1] / "training" / "configs" / "tiny.yaml"
@@ -130,3 +131,50 @@ def test_predict_builds_no_meta_graph_and_matches_a_tracked_adaptation(name: str
     torch.testing.assert_close(out, tracked.detach(), **tol)
     # the inner loop still saves tensors for its own gradients, but far fewer than a graph kept for the meta-gradient
     assert 0 < saved["predict"] < saved["tracked"]
+
+
+def test_paired_difference_matches_hand_computation_and_refuses_other_episodes(tmp_path: Path) -> None:
+    a = [0.9, 0.8, 1.0, 0.7, 0.95, 0.85]
+    b = [0.95, 0.8, 1.0, 0.75, 0.9, 0.95]
+    ra = EvalResult("A", "accuracy", sum(a) / 6, 0.0, 0.0, 6, per_episode=a, episodes_digest="d1")
+    rb = EvalResult("B", "accuracy", sum(b) / 6, 0.0, 0.0, 6, per_episode=b, episodes_digest="d1")
+    d = paired_difference(ra, rb)
+    diffs = [y - x for x, y in zip(a, b)]
+    mean = sum(diffs) / 6
+    sd = math.sqrt(sum((x - mean) ** 2 for x in diffs) / 5)
+    assert d.mean == pytest.approx(mean) and d.ci95 == pytest.approx(1.959963984540054 * sd / math.sqrt(6))
+    assert (d.wins, d.losses, d.episodes) == (3, 1, 6) and d.significant == (abs(mean) > d.ci95)
+    # regression: a lower MSE is the better episode
+    mse = paired_difference(EvalResult("A", "mse", 0, 0, 0, 2, per_episode=[1.0, 2.0]),
+                            EvalResult("B", "mse", 0, 0, 0, 2, per_episode=[0.5, 3.0]))
+    assert (mse.wins, mse.losses) == (1, 1) and mse.mean == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="same episodes"):
+        paired_difference(ra, EvalResult("C", "accuracy", 0, 0, 0, 5, per_episode=b[:5]))
+    with pytest.raises(ValueError, match="different episodes"):
+        paired_difference(ra, EvalResult("D", "accuracy", 0, 0, 0, 6, per_episode=b, episodes_digest="d2"))
+    with pytest.raises(ValueError, match="per-episode scores"):
+        paired_difference(ra, EvalResult("E", "accuracy", 0, 0, 0, 6))
+    assert paired_table([ra, EvalResult("D", "accuracy", 0, 0, 0, 6, per_episode=b, episodes_digest="d2")]) == ""
+    # the paired interval of correlated scores is narrower than either result's own interval
+    assert d.ci95 < mean_ci95(a)[1] and d.ci95 < mean_ci95(b)[1]
+    # eval.json files on the same settings but other data (another fingerprint) are refused by compare
+    write_report([ra], tmp_path / "a", header={"episodes": 6})
+    write_report([EvalResult("F", "accuracy", 0, 0, 0, 6, per_episode=b, episodes_digest="zz")], tmp_path / "f",
+                 header={"episodes": 6})
+    with pytest.raises(ValueError, match="different episodes"):
+        combine_reports([tmp_path / "a", tmp_path / "f"])
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not an eval.json"):
+        combine_reports([tmp_path / "bad.json"])
+
+
+def test_episode_digest_follows_the_episodes() -> None:
+    cfg = load_config(TINY)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    episodes = build_episodes(cfg, "test")
+    one = evaluate(model, episodes, 6, 3, torch.device("cpu"))
+    assert one.episodes_digest == evaluate(model, episodes, 6, 2, torch.device("cpu")).episodes_digest  # batching
+    other_seed = build_episodes(load_config(TINY, ["eval.seed=7"]), "test")
+    assert evaluate(model, other_seed, 6, 3, torch.device("cpu")).episodes_digest != one.episodes_digest
+    assert evaluate(model, episodes, 5, 3, torch.device("cpu")).episodes_digest != one.episodes_digest

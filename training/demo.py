@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from training.config import Config, config_from_dict, load_config
-from training.evaluation import EvalResult, evaluate, markdown_table, predict, write_report
+from training.evaluation import EvalResult, evaluate, predict, report_markdown, write_report
 from training.plots import plot_accuracy, plot_episode
 from training.registry import build_episodes
 from training.trainer import train
@@ -63,7 +63,8 @@ def run_demo(out_dir: str | Path = "runs/demo", budget_seconds: float = 120.0, q
               f"(evaluated in {res.seconds:.0f} s)", flush=True)
         results.append(res)
         models[label] = (model, episodes_src)
-    table = markdown_table(results)
+    # the comparison table, then each method's paired difference from the Meta-Transformer on the same episodes
+    table = report_markdown(results)
     print()
     print(table, end="")
     header = {"source": "glyph", "n_way": base["data"]["n_way"], "k_shot": base["data"]["k_shot"],

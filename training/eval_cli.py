@@ -11,7 +11,7 @@ import torch
 
 from training import checkpoint as ckpt_io
 from training.config import Config, load_config, max_ways
-from training.evaluation import EvalResult, evaluate, markdown_table, write_report
+from training.evaluation import EvalResult, combine_reports, evaluate, report_markdown, write_report
 from training.registry import build_episodes, build_model
 
 
@@ -89,6 +89,16 @@ def run_eval(args: "argparse.Namespace") -> int:
     out = args.out or (Path(args.checkpoint[0]) / "eval" if len(args.checkpoint) == 1 else Path("runs") / "eval")
     results = evaluate_checkpoints(args.checkpoint, cfg, args.which, args.data_root, out, args.device,
                                    progress=not args.no_progress)
-    print(markdown_table(results), end="")
+    print(report_markdown(results), end="")
     print(f"wrote {Path(out) / 'eval.json'} and {Path(out) / 'eval.md'}")
+    return 0
+
+
+def run_compare(args: "argparse.Namespace") -> int:
+    """Entry point of `metaformer compare`: one table (and paired differences) from eval.json files of the same episodes."""
+    header, results = combine_reports(args.reports)
+    print(report_markdown(results), end="")
+    if args.out:
+        write_report(results, Path(args.out), header=header)
+        print(f"wrote {Path(args.out) / 'eval.json'} and {Path(args.out) / 'eval.md'}")
     return 0

@@ -33,6 +33,7 @@ class EvalResult:
     seconds: float = 0.0
     per_episode: list[float] = field(default_factory=list)
     ece: Optional[float] = None  # expected calibration error over all queries (classification only)
+    episodes_digest: Optional[str] = None  # fingerprint of the episodes (see episode_digest): paired comparisons check it
 
     def to_dict(self, with_episodes: bool = False) -> dict:
         """Plain dict for JSON (per-episode values only when asked)."""
@@ -140,6 +141,26 @@ def tasks_per_forward(batch_tasks: int, probe: Any, device: torch.device) -> int
     return max(1, min(batch_tasks, CPU_INPUT_ELEMENTS_PER_FORWARD // max(per_task, 1)))
 
 
+def episode_digest(batch: Any, num_episodes: int) -> str:
+    """A short fingerprint of a fixed episode set: the first episode's support and query data and the episode count.
+
+    Episodes are drawn by index from a seeded source, so two evaluations with equal fingerprints ran on the same
+    episodes (up to a coincidence on the first one); the batch size and padding do not enter it.
+    """
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=8)
+    h.update(str(num_episodes).encode())
+    for x, y, m in ((batch.support_x, batch.support_y, batch.support_mask), (batch.query_x, batch.query_y, batch.query_mask)):
+        keep = m[0].cpu()
+        if isinstance(x, Tensor):
+            h.update(x[0].detach().cpu()[keep].contiguous().float().numpy().tobytes())
+        else:  # text episodes: lists of strings per task
+            h.update(repr([t for t, k in zip(x[0], keep.tolist()) if k]).encode())
+        h.update(y[0].detach().cpu()[keep].contiguous().float().numpy().tobytes())
+    return h.hexdigest()
+
+
 def evaluate(
     model: nn.Module,
     episodes: Any,
@@ -163,8 +184,11 @@ def evaluate(
         from tqdm import tqdm
 
         starts = tqdm(starts, desc=f"eval {name}", unit="batch", leave=False)
+    digest = None
     for start in starts:
         batch = episodes.batch(start, min(batch_tasks, num_episodes - start)).to(device)
+        if digest is None:
+            digest = episode_digest(batch, num_episodes)
         regression = batch.is_regression
         out = predict(model, batch)
         scores.extend(episode_scores(out, batch))
@@ -173,7 +197,7 @@ def evaluate(
     mean, ci, std = mean_ci95(scores)
     return EvalResult(name=name, metric="mse" if regression else "accuracy", mean=mean, ci95=ci, std=std,
                       episodes=len(scores), seconds=time.perf_counter() - t0, per_episode=scores,
-                      ece=None if regression else ece_from_bins(bins))
+                      ece=None if regression else ece_from_bins(bins), episodes_digest=digest)
 
 
 def markdown_table(results: Sequence[EvalResult]) -> str:
@@ -193,14 +217,139 @@ def markdown_table(results: Sequence[EvalResult]) -> str:
     return "\n".join(lines) + "\n"
 
 
+@dataclass
+class PairedDifference:
+    """Per-episode difference ``other - reference`` of two results on the same episodes."""
+
+    name: str
+    reference: str
+    metric: str
+    mean: float
+    ci95: float
+    episodes: int
+    wins: int  # episodes where ``other`` scored better (lower MSE for regression)
+    losses: int
+
+    @property
+    def significant(self) -> bool:
+        """Whether the 95% interval of the mean difference excludes zero."""
+        return abs(self.mean) > self.ci95
+
+
+def same_episodes(a: EvalResult, b: EvalResult) -> bool:
+    """Whether two results can be paired: per-episode scores of equal count and no differing episode fingerprints."""
+    if not a.per_episode or len(a.per_episode) != len(b.per_episode) or a.metric != b.metric:
+        return False
+    return not (a.episodes_digest and b.episodes_digest and a.episodes_digest != b.episodes_digest)
+
+
+def paired_difference(reference: EvalResult, other: EvalResult) -> PairedDifference:
+    """Mean and 95% CI of ``other - reference`` over their common episodes (both must hold the same episodes).
+
+    The same fixed episodes make the two scores correlated; the interval of the per-episode differences is
+    the honest one for "is B better than A", and much narrower than the two separate intervals suggest.
+    """
+    a, b = reference.per_episode, other.per_episode
+    if not a or not b:
+        raise ValueError(f"paired_difference needs per-episode scores; {reference.name if not a else other.name!r} has "
+                         "none (evaluate with training.evaluation.evaluate, or load an eval.json written by it)")
+    if len(a) != len(b):
+        raise ValueError(f"{reference.name!r} has {len(a)} episode scores and {other.name!r} {len(b)}: a paired "
+                         "comparison needs the same episodes (same split, seed, count and N-way K-shot)")
+    if reference.episodes_digest and other.episodes_digest and reference.episodes_digest != other.episodes_digest:
+        raise ValueError(f"{reference.name!r} and {other.name!r} were evaluated on different episodes (fingerprints "
+                         f"{reference.episodes_digest} and {other.episodes_digest}): evaluate both with the same data.* "
+                         "settings, eval.split, eval.seed and --episodes")
+    if reference.metric != other.metric:
+        raise ValueError(f"cannot pair {reference.metric} ({reference.name!r}) with {other.metric} ({other.name!r})")
+    diffs = [y - x for x, y in zip(a, b)]
+    mean, ci, _ = mean_ci95(diffs)
+    sign = -1.0 if reference.metric == "mse" else 1.0
+    return PairedDifference(name=other.name, reference=reference.name, metric=reference.metric, mean=mean, ci95=ci,
+                            episodes=len(diffs), wins=sum(sign * d > 0 for d in diffs),
+                            losses=sum(sign * d < 0 for d in diffs))
+
+
+def paired_table(results: Sequence[EvalResult]) -> str:
+    """Markdown table of every result's paired difference from the first ("" when fewer than two can be paired)."""
+    if len(results) < 2 or not all(same_episodes(results[0], r) for r in results[1:]):
+        return ""
+    ref = results[0]
+    scale, unit = (100.0, " (points)") if ref.metric == "accuracy" else (1.0, "")
+    lines = [f"Paired differences from {ref.name} on the same {len(ref.per_episode)} episodes (95% CI of the "
+             "per-episode differences):", "",
+             f"| method | minus {ref.name}{unit} | 95% CI | better / worse episodes | interval excludes 0 |",
+             "|---|---|---|---|---|"]
+    for r in results[1:]:
+        d = paired_difference(ref, r)
+        lines.append(f"| {r.name} | {d.mean * scale:+.2f} | ± {d.ci95 * scale:.2f} | {d.wins} / {d.losses} | "
+                     f"{'yes' if d.significant else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
+def report_markdown(results: Sequence[EvalResult]) -> str:
+    """The comparison table, then the paired differences from the first result when there are several."""
+    paired = paired_table(results)
+    return markdown_table(results) + (("\n" + paired) if paired else "")
+
+
 def write_report(results: Sequence[EvalResult], out_dir: Path, stem: str = "eval", header: dict | None = None) -> tuple[Path, Path]:
-    """Write <stem>.json (with per-episode values) and <stem>.md (the table); returns both paths."""
+    """Write <stem>.json (with per-episode values and paired differences) and <stem>.md (the tables); returns both paths."""
     from training.atomic import atomic_write_text
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     payload = {**(header or {}), "results": [r.to_dict(with_episodes=True) for r in results]}
+    if paired_table(results):
+        diffs = [paired_difference(results[0], r) for r in results[1:]]
+        payload["paired_vs_first"] = [{**asdict(d), "significant": d.significant} for d in diffs]
     jpath, mpath = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
     atomic_write_text(jpath, json.dumps(payload, indent=2))
-    atomic_write_text(mpath, markdown_table(results))
+    atomic_write_text(mpath, report_markdown(results))
     return jpath, mpath
+
+
+# header keys that fix the episodes of an eval.json: two reports can be paired only when all of them agree
+EPISODE_KEYS = ("source", "split", "seed", "episodes", "n_way", "k_shot", "q_query")
+
+
+def read_report(path: str | Path) -> tuple[dict, list[EvalResult]]:
+    """The header (split, seed, episodes, N, K, Q, source) and results of an eval.json written by write_report."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "eval.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; pass an eval.json (or its folder) written by `metaformer eval`")
+    try:
+        payload = json.loads(path.read_text())
+        header = {k: v for k, v in payload.items() if k not in ("results", "paired_vs_first")}
+        fields = set(EvalResult.__dataclass_fields__)
+        results = [EvalResult(**{k: v for k, v in r.items() if k in fields}) for r in payload["results"]]
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"{path} is not an eval.json written by `metaformer eval` ({exc}); re-run the evaluation") from None
+    return header, results
+
+
+def combine_reports(paths: Sequence[str | Path]) -> tuple[dict, list[EvalResult]]:
+    """The results of several eval.json files on the same episodes, in order (an error names a differing key)."""
+    if not paths:
+        raise ValueError("pass at least one eval.json")
+    header, results = read_report(paths[0])
+    for p in paths[1:]:
+        h, rs = read_report(p)
+        diff = [k for k in EPISODE_KEYS if h.get(k) != header.get(k)]
+        if diff:
+            shown = ", ".join(f"{k}: {header.get(k)!r} vs {h.get(k)!r}" for k in diff)
+            raise ValueError(f"{paths[0]} and {p} were not evaluated on the same episodes ({shown}); evaluate both "
+                             "with the same data.* settings, eval.split, eval.seed and --episodes")
+        for r in rs:
+            if r.episodes_digest and results[0].episodes_digest and r.episodes_digest != results[0].episodes_digest:
+                raise ValueError(f"{paths[0]} and {p} hold the same settings but different episodes (fingerprints "
+                                 f"{results[0].episodes_digest} and {r.episodes_digest}): the data (split scheme, "
+                                 "image size, data files) differed; evaluate both on the same data")
+        results += rs
+    names = [r.name for r in results]
+    for i, r in enumerate(results):
+        if names.count(r.name) > 1 and r.checkpoint:
+            r.name = f"{r.name} ({Path(r.checkpoint).parent.name})"  # same config name: tell the runs apart
+    return header, results
