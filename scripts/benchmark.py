@@ -67,7 +67,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from training.config import Config, config_from_dict, load_config  # noqa: E402
-from training.evaluation import evaluate  # noqa: E402
+from training.evaluation import EvalResult, evaluate, paired_difference, same_episodes  # noqa: E402
 
 CONFIG_DIR = ROOT / "training" / "configs"
 PEERS_BENCH = ROOT / "scripts" / "bench_meta_train.py"
@@ -334,7 +334,7 @@ def run_cell(spec: CellSpec) -> dict:
     return {
         "status": "ok", "setting": Setting(**spec.setting).key, "method": spec.method, "label": METHODS[spec.method],
         "metric": res.metric, "mean": res.mean, "ci95": res.ci95, "std": res.std, "episodes": res.episodes,
-        "ece": getattr(res, "ece", None),
+        "ece": getattr(res, "ece", None), "episodes_digest": res.episodes_digest,
         "per_episode": res.per_episode, "train_seconds": train_s, "train_steps": trainer.step,
         "meta_batch": cfg.train.meta_batch, "train_tasks_per_s": trainer.step * cfg.train.meta_batch / max(train_s, 1e-9),
         "eval_seconds": res.seconds, "queries_per_episode": q, "queries_per_s": res.episodes * q / max(res.seconds, 1e-9),
@@ -876,6 +876,34 @@ def setting_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _as_eval_result(r: dict) -> EvalResult:
+    """A cell's scores as an EvalResult (for the paired comparison)."""
+    return EvalResult(r["label"], r["metric"], r["mean"], r["ci95"], 0.0, r["episodes"],
+                      per_episode=list(r.get("per_episode") or []), episodes_digest=r.get("episodes_digest"))
+
+
+def paired_section(rows: Sequence[dict]) -> str:
+    """Each method's per-episode difference from the Meta-Transformer (else the first method) on the setting's episodes."""
+    ok = [r for r in rows if r.get("status") == "ok" and r.get("per_episode")]
+    if len(ok) < 2:
+        return ""
+    ref = next((r for r in ok if r["method"] == "meta_transformer"), ok[0])
+    base = _as_eval_result(ref)
+    others = [r for r in ok if r is not ref and same_episodes(base, _as_eval_result(r))]
+    if not others:
+        return ""
+    acc = ref["metric"] == "accuracy"
+    scale, unit = (100.0, "points") if acc else (1.0, "MSE")
+    lines = [f"Paired differences from {ref['label']} on the same {ref['episodes']} episodes ({unit}; 95% CI of the "
+             "per-episode differences; an interval that excludes 0 is a real difference on these episodes):", "",
+             f"| method | minus {ref['label']} | 95% CI | better / worse episodes | excludes 0 |", "|---|---|---|---|---|"]
+    for r in others:
+        d = paired_difference(base, _as_eval_result(r))
+        lines.append(f"| {r['label']} | {d.mean * scale:+.{2 if acc else 3}f} | ± {d.ci95 * scale:.{2 if acc else 3}f} | "
+                     f"{d.wins} / {d.losses} | {'yes' if d.significant else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
 def published_table(results: Sequence[dict]) -> str:
     """Our Omniglot accuracies next to the published Vinyals-split figures, for the settings that ran."""
     ours: dict[tuple[str, str], dict] = {}
@@ -1115,7 +1143,9 @@ def write_report(results: Sequence[dict], specs: Sequence[CellSpec], suite: Suit
                "2017; Meta-SGD: Li et al. 2017; MatchingNet: Vinyals et al. 2016). Ours: alphabet-level split of the "
                "background set, the budgets above.", "", pub]
     for key in dict.fromkeys(r["setting"] for r in results):
-        md += [f"## {key}", "", setting_table([r for r in results if r["setting"] == key])]
+        rows = [r for r in results if r["setting"] == key]
+        paired = paired_section(rows)
+        md += [f"## {key}", "", setting_table(rows)] + ([paired] if paired else [])
     md += ["## Plots", ""]
     if "accuracy_vs_shots" in paths:
         md += [f"![accuracy vs shots](results/{paths['accuracy_vs_shots'].name})", "",

@@ -96,6 +96,16 @@ def test_suite_report_holds_the_measured_rows(tmp_path: Path) -> None:
                                       if b.Setting(**c["setting"]).key == r["setting"] and c["method"] == r["method"]))
         again = evaluate(model, build_episodes(cfg, cfg.eval.split), 6, 6, torch.device("cpu"))
         assert again.per_episode == pytest.approx(r["per_episode"])
+    # each setting's section pairs FOMAML with ProtoNet (the first method; no Meta-Transformer ran) per episode
+    for key in ("glyph-3w1s", "glyph-3w2s"):
+        ref, other = (r for r in results if r["setting"] == key)
+        assert ref["episodes_digest"] == other["episodes_digest"]
+        diffs = [y - x for x, y in zip(ref["per_episode"], other["per_episode"])]
+        m, ci, _ = mean_ci95(diffs)
+        section = md.split(f"## {key}\n", 1)[1].split("\n## ", 1)[0]
+        assert "Paired differences from ProtoNet on the same 6 episodes" in section
+        assert (f"| FOMAML | {100 * m:+.2f} | ± {100 * ci:.2f} | {sum(d > 0 for d in diffs)} / "
+                f"{sum(d < 0 for d in diffs)} |") in section
     assert len(lines) == 4 + 2 and "glyph-3w2s" in lines[3]
     # header: command, commit, machine, GPU section
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
