@@ -148,6 +148,8 @@ def test_paired_difference_matches_hand_computation_and_refuses_other_episodes(t
     mse = paired_difference(EvalResult("A", "mse", 0, 0, 0, 2, per_episode=[1.0, 2.0]),
                             EvalResult("B", "mse", 0, 0, 0, 2, per_episode=[0.5, 3.0]))
     assert (mse.wins, mse.losses) == (1, 1) and mse.mean == pytest.approx(0.25)
+    assert "| B | +0.2500 | ± " in paired_table([EvalResult("A", "mse", 0, 0, 0, 2, per_episode=[1.0, 2.0]),
+                                                 EvalResult("B", "mse", 0, 0, 0, 2, per_episode=[0.5, 3.0])])
     with pytest.raises(ValueError, match="same episodes"):
         paired_difference(ra, EvalResult("C", "accuracy", 0, 0, 0, 5, per_episode=b[:5]))
     with pytest.raises(ValueError, match="different episodes"):

@@ -282,7 +282,8 @@ def paired_table(results: Sequence[EvalResult]) -> str:
              "|---|---|---|---|---|"]
     for r in results[1:]:
         d = paired_difference(ref, r)
-        lines.append(f"| {r.name} | {d.mean * scale:+.2f} | ± {d.ci95 * scale:.2f} | {d.wins} / {d.losses} | "
+        digits = 2 if ref.metric == "accuracy" else 4  # MSE differences are small numbers
+        lines.append(f"| {r.name} | {d.mean * scale:+.{digits}f} | ± {d.ci95 * scale:.{digits}f} | {d.wins} / {d.losses} | "
                      f"{'yes' if d.significant else 'no'} |")
     return "\n".join(lines) + "\n"
 
