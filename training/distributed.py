@@ -72,7 +72,11 @@ def max_param_divergence(model: torch.nn.Module, info: DistInfo) -> float:
     return float(worst.item())
 
 
-def cleanup(info: DistInfo) -> None:
-    """Leave the process group."""
+def cleanup(info: DistInfo, synchronize: bool = False) -> None:
+    """Leave the process group (after a barrier when ``synchronize``: the normal end of a run)."""
     if info.enabled and dist.is_initialized():
+        if synchronize:
+            # Gloo can abort a rank ("terminate called without an active exception") whose peer tears the group
+            # down while its last exchange is still in flight; on an error path a barrier could hang instead
+            dist.barrier()
         dist.destroy_process_group()

@@ -280,10 +280,13 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def run(self) -> TrainResult:
         """Train from the current step to cfg.train.steps; returns the final step, metrics and timings."""
+        finished = False
         try:
-            return self._run()
+            result = self._run()
+            finished = True
+            return result
         finally:
-            cleanup(self.info)
+            cleanup(self.info, synchronize=finished)
 
     def _run(self) -> TrainResult:
         from metaformer.data import EpisodeStream
