@@ -301,7 +301,7 @@ def write_report(results: Sequence[EvalResult], out_dir: Path, stem: str = "eval
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     payload = {**(header or {}), "results": [r.to_dict(with_episodes=True) for r in results]}
-    if paired_table(results):
+    if len(results) > 1 and all(same_episodes(results[0], r) for r in results[1:]):
         diffs = [paired_difference(results[0], r) for r in results[1:]]
         payload["paired_vs_first"] = [{**asdict(d), "significant": d.significant} for d in diffs]
     jpath, mpath = out_dir / f"{stem}.json", out_dir / f"{stem}.md"

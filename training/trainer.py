@@ -91,10 +91,9 @@ FROZEN_RANDOM_BACKBONE_WARNING = (
 
 def frozen_at_random_init(cfg: Config) -> bool:
     """Whether the config freezes a backbone that only a warm start could give trained weights (conv4, resnet12, mlp)."""
-    from metaformer.models.backbones import BACKBONES
+    from metaformer.models.backbones import registered_backbone_key
 
-    name = str(cfg.model.backbone).lower().replace("-", "").replace("_", "")
-    return cfg.model.options.get("freeze_backbone") is True and name in BACKBONES
+    return cfg.model.options.get("freeze_backbone") is True and registered_backbone_key(cfg.model.backbone) is not None
 
 
 def cpu_has_fast_bf16() -> bool:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -184,10 +184,16 @@ BACKBONES: dict[str, Callable[..., nn.Module]] = {
 }
 
 
+def registered_backbone_key(name: str) -> Optional[str]:
+    """The BACKBONES key a name refers to ("Conv-4" -> "conv4"), or None when it names no registered backbone."""
+    key = str(name).lower().replace("-", "").replace("_", "")
+    return key if key in BACKBONES else None
+
+
 def build_backbone(name: str, **kwargs: Any) -> nn.Module:
     """Build a registered backbone by name ("conv4", "resnet12", "mlp") with constructor ``kwargs``."""
-    key = name.lower().replace("-", "").replace("_", "")
-    if key not in BACKBONES:
+    key = registered_backbone_key(name)
+    if key is None:
         raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
     try:
         return BACKBONES[key](**kwargs)
