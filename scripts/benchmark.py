@@ -34,9 +34,14 @@ meta-iterations) and frozen MiniLM + ProtoNet on CLINC150 and HuffPost (finetune
 on the 2-core CPU in all. ``--from-json F --panels ...`` runs panels alone
 and puts them into the report of an earlier run (replacing stored panels of the same name).
 
+Recipes (``--recipe training/recipes/NAME.yaml``): the long runs behind docs/omniglot_runs.md as one resumable job,
+stages warm-started from earlier stages (training.recipes), every listed stage evaluated on the same episodes and
+paired; ``<out>/results/NAME.md`` gets the stages' and evaluations' exact commands, date, machine and commit.
+
 Usage: .venv/bin/python scripts/benchmark.py --suite quick [--out docs] [--methods maml,protonet]
        [--settings omniglot-5w1s,glyph-5w1s] [--threads 1] [--jobs 2] [--peers-json results.json]
        [--panels all --peers-python /work/peers/venv/bin/python] [--data-root ../shared/data]
+       .venv/bin/python scripts/benchmark.py --recipe training/recipes/omniglot_wide.yaml [--work DIR] [--jobs 2]
 """
 
 from __future__ import annotations
@@ -1260,6 +1265,32 @@ def report_from_json(path: Path, out: Path, panels: Sequence[Panel] = (), data_r
     return write_report(results, [CellSpec(**c) for c in cells], suite, out, meta, peers, data.get("gpu_run"), stored)
 
 
+def recipe_main(a: argparse.Namespace, argv: Optional[Sequence[str]]) -> int:
+    """--recipe: train the recipe's stages, evaluate and pair them, write <out>/results/<name>.md and .json."""
+    from training.checkpoint import CheckpointError
+    from training.recipes import RecipeError, load_recipe, run_recipe, write_recipe_report
+
+    if a.suite or a.from_json or a.panels:
+        raise SystemExit("benchmark.py: --recipe runs alone; drop --suite, --from-json and --panels")
+    if a.threads < 1 or (a.jobs is not None and a.jobs < 1):
+        raise SystemExit("benchmark.py: --threads and --jobs must be >= 1")
+    try:
+        recipe = load_recipe(a.recipe)
+    except RecipeError as exc:
+        raise SystemExit(f"benchmark.py: {exc}") from None
+    work = Path(a.work) if a.work else ROOT / "runs" / "recipes" / recipe.name
+    command = "scripts/benchmark.py " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
+    meta = {**machine_info(a.device), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M")}
+    log = functools.partial(print, flush=True)
+    try:
+        report = run_recipe(recipe, work, data_root=a.data_root, threads=a.threads, jobs=a.jobs or 1, log=log)
+    except (RecipeError, CheckpointError, RuntimeError) as exc:
+        raise SystemExit(f"benchmark.py: {exc}") from None
+    paths = write_recipe_report(report, meta, command, Path(a.out) / "results")
+    print(f"[bench] wrote {', '.join(str(p) for p in paths)}")
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Parse arguments; run the suite (or, with --cell, one cell as a child process)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1292,10 +1323,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--from-json", default=None, help="re-render RESULTS.md and the plots from a suite JSON "
                     "(<out>/results/<suite>.json) without running any cell; with --panels, those panels run now "
                     "and replace the stored ones of the same name")
+    ap.add_argument("--recipe", default=None, help="instead of a suite, run a multi-stage recipe (training/recipes/*.yaml: "
+                    "stages warm-started from earlier ones, then every listed stage evaluated and paired on the same "
+                    "episodes); runs go to --work (default runs/recipes/<name>), the report to <out>/results/<name>.md; "
+                    "rerunning keeps finished stages and evaluations")
     ap.add_argument("--cell", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.cell:
         return _child_main(a.cell)
+    if a.recipe:
+        return recipe_main(a, argv)
     try:
         panels = parse_panels(a.panels) if a.panels else []
     except ValueError as exc:

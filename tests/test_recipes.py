@@ -1,0 +1,149 @@
+"""Recipes (training.recipes, scripts/benchmark.py --recipe): a ProtoNet stage, a frozen Meta-Transformer stage
+warm-started from it, both evaluated and paired on the same glyph episodes; reruns keep finished work."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from training.evaluation import mean_ci95, read_report
+from training.recipes import RecipeError, load_recipe, parse_setting, run_recipe, stage_state, training_seconds
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["data.image_size=16", "model.backbone_options={hidden: 8}", "data.q_query=2", "train.meta_batch=2",
+        "train.log_every=1", "train.tensorboard=false", "eval.batch_tasks=5"]
+
+
+def _recipe_file(tmp: Path, lr: str = "0.001", **extra) -> Path:
+    """A two-stage glyph recipe: ProtoNet for 4 steps, then a frozen-backbone Meta-Transformer for 3 steps."""
+    data = {
+        "name": "tiny_chain",
+        "title": "tiny chain",
+        "stages": [
+            {"name": "proto", "config": "training/configs/glyph_demo.yaml",
+             "set": TINY + ["model.name=protonet", "train.steps=4", f"optim.lr={lr}"]},
+            {"name": "mt", "config": "training/configs/glyph_demo.yaml", "init_from": "proto",
+             "set": TINY + ["model.name=meta_transformer", "train.steps=3",
+                            "model.options={d_model: 16, n_layers: 1, n_heads: 2, freeze_backbone: true, readout: prototype}"]},
+        ],
+        "evaluate": {"stages": ["proto", "mt"], "settings": ["5w1s", "3w2s"], "episodes": 10, "q_query": 3},
+        **extra,
+    }
+    path = tmp / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_recipe_chains_stages_pairs_evaluations_and_keeps_finished_work(tmp_path: Path) -> None:
+    """Stage 2 starts from stage 1's weights; every number of the report is recomputed from the eval files."""
+    recipe = load_recipe(_recipe_file(tmp_path))
+    work = tmp_path / "work"
+    logs: list[str] = []
+    report = run_recipe(recipe, work, threads=1, jobs=2, log=logs.append)
+
+    assert [(s["name"], s["step"], s["init_from"]) for s in report["stages"]] == [("proto", 4, None), ("mt", 3, "proto")]
+    assert all("--resume" in s["command"] for s in report["stages"])
+    # the frozen backbone of stage 2 is exactly stage 1's final backbone
+    proto = load_file(str(work / "runs" / "proto" / "step-00000004" / "model.safetensors"))
+    mt = load_file(str(work / "runs" / "mt" / "step-00000003" / "model.safetensors"))
+    shared = [k for k in proto if k.startswith("backbone.") and k in mt]
+    assert shared and all(torch.equal(proto[k], mt[k]) for k in shared)
+
+    for st, setting in zip(report["settings"], [(5, 1), (3, 2)]):
+        assert (st["header"]["n_way"], st["header"]["k_shot"]) == setting
+        per = {}
+        for name in ("proto", "mt"):
+            header, (res,) = read_report(work / "eval" / st["setting"] / name)
+            assert (header["n_way"], header["k_shot"], header["q_query"], header["episodes"]) == (*setting, 3, 10)
+            per[name] = res.per_episode
+            row = next(r for r in st["results"] if r["name"] == name)
+            assert math.isclose(row["mean"], mean_ci95(res.per_episode)[0], abs_tol=1e-12)
+        diffs = [b - a for a, b in zip(per["proto"], per["mt"])]
+        (d,) = st["paired_vs_first"]
+        assert math.isclose(d["mean"], mean_ci95(diffs)[0], abs_tol=1e-12)
+        assert math.isclose(d["ci95"], mean_ci95(diffs)[1], abs_tol=1e-12)
+        assert d["wins"] == sum(x > 0 for x in diffs) and d["losses"] == sum(x < 0 for x in diffs)
+        combined = json.loads((work / "eval" / st["setting"] / "eval.json").read_text())
+        assert [r["name"] for r in combined["results"]] == ["proto", "mt"]
+    assert training_seconds(work / "runs" / "proto") > 0
+
+    # a rerun trains and evaluates nothing: every stage and evaluation is kept
+    stamps = {p: p.stat().st_mtime_ns for p in (work / "eval").glob("*/*/eval.json")}
+    assert len(stamps) == 4
+    logs.clear()
+    again = run_recipe(recipe, work, threads=1, log=logs.append)
+    assert sum("kept" in line for line in logs) == 6 and not any("done in" in line for line in logs)
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert again["settings"] == report["settings"]
+
+    # the script renders the report from the finished work folder, with its command and both tables
+    spec = importlib.util.spec_from_file_location("metaformer_benchmark_recipe", REPO / "scripts" / "benchmark.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench
+    spec.loader.exec_module(bench)
+    out = tmp_path / "docs"
+    assert bench.main(["--recipe", str(recipe.path), "--work", str(work), "--out", str(out)]) == 0
+    md = (out / "results" / "tiny_chain.md").read_text()
+    first = report["settings"][0]
+    proto_row = first["results"][0]
+    assert f"| proto | {100 * proto_row['mean']:.2f} ± {100 * proto_row['ci95']:.2f} |" in md
+    assert "Paired differences against proto" in md and f"{100 * first['paired_vs_first'][0]['mean']:+.2f}" in md
+    assert "scripts/benchmark.py --recipe" in md and "metaformer eval --checkpoint" in md
+    assert json.loads((out / "results" / "tiny_chain.json").read_text())["meta"]["commit"]
+
+    # a run folder trained with another config is refused, naming the key, instead of being reused or overwritten
+    other = load_recipe(_recipe_file(tmp_path, lr="0.01"))
+    with pytest.raises(RecipeError, match="optim.lr"):
+        stage_state(other, other.stage("proto"), work.resolve())
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"evaluate": {"settings": ["5x1"]}}, "not of the form NwKs"),
+    ({"evaluate": {"settings": ["5w1s"], "stages": ["nope"]}}, "nope are not in `stages`"),
+    ({"evaluate": {"settings": []}}, "at least one setting"),
+    ({"colour": "red"}, "unknown key"),
+])
+def test_recipe_errors_name_the_problem(tmp_path: Path, change: dict, message: str) -> None:
+    """Bad recipe keys and settings are refused with a message that names them."""
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(_recipe_file(tmp_path, **change))
+
+
+def test_recipe_stage_errors(tmp_path: Path) -> None:
+    """A warm start from a later stage, duplicate names, a runner-owned key and a broken config are refused."""
+    path = _recipe_file(tmp_path)
+    base = yaml.safe_load(path.read_text())
+
+    def refused(stages: list, message: str) -> None:
+        path.write_text(yaml.safe_dump({**base, "stages": stages}))
+        with pytest.raises(RecipeError, match=message):
+            load_recipe(path)
+
+    a, b = base["stages"]
+    refused([{**a, "init_from": "mt"}, b], "not an earlier stage")
+    refused([a, {**b, "name": "proto"}], "share this name")
+    refused([{**a, "set": a["set"] + ["out_dir=/tmp/x"]}, b], "set by the recipe runner")
+    refused([{**a, "set": a["set"] + ["train.stepz=3"]}, b], "does not load")
+    with pytest.raises(RecipeError, match="does not exist"):
+        load_recipe(tmp_path / "missing.yaml")
+    assert parse_setting("20w5s") == (20, 5)
+
+
+def test_shipped_recipes_load() -> None:
+    """Every recipe under training/recipes/ loads (its configs and overrides are valid)."""
+    paths = sorted((REPO / "training" / "recipes").glob("*.yaml"))
+    assert paths
+    for p in paths:
+        r = load_recipe(p)
+        assert r.stages and r.settings

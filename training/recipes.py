@@ -1,0 +1,425 @@
+"""Recipes: a chain of training stages (each may warm-start from an earlier one) and their evaluation on fixed
+episodes, run as one resumable job whose report says how every figure was made.
+
+A recipe is a YAML file (examples in training/recipes/)::
+
+    name: omniglot_wide
+    title: Omniglot 20-way, wide Conv-4: ProtoNet, then the Meta-Transformer on its frozen backbone
+    stages:
+      - name: protonet
+        config: training/configs/omniglot_20w1s_protonet.yaml
+        set: ["model.backbone_options={hidden: 128}", train.steps=3000]
+      - name: meta_transformer
+        config: training/configs/omniglot_20w1s_meta_transformer_frozen.yaml
+        init_from: protonet                 # an earlier stage: its final weights seed this one
+        set: ["model.backbone_options={hidden: 128}"]
+    evaluate:
+      stages: [protonet, meta_transformer]  # the first is the reference of the paired differences
+      settings: [5w1s, 5w5s, 20w1s, 20w5s]
+      episodes: 1000
+      q_query: 15
+
+`run_recipe` trains each stage with ``metaformer train --resume`` in ``<work>/runs/<stage>`` (a finished stage
+whose saved config matches is skipped, an interrupted one continues where it stopped), evaluates every listed
+stage on every setting's episodes with ``metaformer eval`` (kept when already done for the same checkpoint
+step), pairs them on the shared episodes and writes a markdown report and a JSON file. Each stage and
+evaluation runs as a child process, and the report lists their exact commands.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import yaml
+
+from training.atomic import atomic_write_text
+from training.config import ConfigError, config_differences, load_config
+from training.evaluation import combine_reports, paired_difference, read_report, same_episodes, write_report
+
+ROOT = Path(__file__).resolve().parent.parent
+SETTING_RE = re.compile(r"^(\d+)w(\d+)s$")
+RECIPE_KEYS = {"name", "title", "description", "stages", "evaluate"}
+STAGE_KEYS = {"name", "title", "config", "init_from", "set"}
+EVAL_KEYS = {"stages", "settings", "episodes", "q_query", "set"}
+
+
+class RecipeError(ValueError):
+    """A recipe file that cannot be run; the message names the key and the fix."""
+
+
+@dataclass
+class Stage:
+    """One training run of a recipe: a config, its overrides and the earlier stage it warm-starts from."""
+
+    name: str
+    config: str
+    overrides: list[str] = field(default_factory=list)
+    init_from: Optional[str] = None
+    title: Optional[str] = None
+
+
+@dataclass
+class Recipe:
+    """Stages in training order and what to evaluate on which settings."""
+
+    name: str
+    title: str
+    description: str
+    stages: list[Stage]
+    evaluate: list[str]
+    settings: list[tuple[int, int]]
+    episodes: int = 1000
+    q_query: int = 15
+    eval_overrides: list[str] = field(default_factory=list)
+    path: Optional[str] = None
+
+    def stage(self, name: str) -> Stage:
+        """The stage called `name`."""
+        return next(s for s in self.stages if s.name == name)
+
+
+def parse_setting(text: str) -> tuple[int, int]:
+    """(n_way, k_shot) of a setting written like 20w1s."""
+    m = SETTING_RE.match(str(text).strip())
+    if not m or int(m.group(1)) < 2 or int(m.group(2)) < 1:
+        raise RecipeError(f"setting {text!r} is not of the form NwKs with N >= 2 and K >= 1 (e.g. 5w1s, 20w5s)")
+    return int(m.group(1)), int(m.group(2))
+
+
+def setting_key(setting: tuple[int, int]) -> str:
+    """20w1s for (20, 1)."""
+    return f"{setting[0]}w{setting[1]}s"
+
+
+def _unknown(where: str, data: dict, allowed: set[str]) -> None:
+    extra = sorted(set(data) - allowed)
+    if extra:
+        raise RecipeError(f"{where}: unknown key(s) {', '.join(extra)}; allowed: {', '.join(sorted(allowed))}")
+
+
+def _str_list(where: str, value: object) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise RecipeError(f"{where} must be a list of KEY=VALUE strings, got {value!r}")
+    return list(value)
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and check a recipe file: unique stage names, warm starts from earlier stages, configs that load."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe {path} does not exist; pass a YAML file such as training/recipes/omniglot_wide.yaml")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"recipe {path} is not valid YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe {path} must be a mapping with name, stages and evaluate")
+    _unknown(f"recipe {path}", data, RECIPE_KEYS)
+    name = str(data.get("name") or path.stem)
+    raw_stages = data.get("stages")
+    if not isinstance(raw_stages, list) or not raw_stages:
+        raise RecipeError(f"recipe {path}: `stages` must be a non-empty list of {{name, config, ...}}")
+    stages: list[Stage] = []
+    for i, raw in enumerate(raw_stages):
+        if not isinstance(raw, dict) or "name" not in raw or "config" not in raw:
+            raise RecipeError(f"recipe {path}: stage {i} needs at least `name` and `config`")
+        where = f"recipe {path}, stage {raw['name']!r}"
+        _unknown(where, raw, STAGE_KEYS)
+        sname = str(raw["name"])
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", sname):
+            raise RecipeError(f"{where}: a stage name becomes a folder name; use letters, digits, '_', '-' or '.'")
+        if sname in [s.name for s in stages]:
+            raise RecipeError(f"{where}: two stages share this name; give each a unique name")
+        init = raw.get("init_from")
+        if init is not None and str(init) not in [s.name for s in stages]:
+            raise RecipeError(f"{where}: init_from {init!r} is not an earlier stage "
+                              f"(earlier: {', '.join(s.name for s in stages) or 'none'}); list that stage first")
+        stage = Stage(sname, str(raw["config"]), _str_list(f"{where}: set", raw.get("set")),
+                      str(init) if init is not None else None, raw.get("title"))
+        for key in ("out_dir", "train.init_from"):
+            if any(o.split("=", 1)[0].strip() == key for o in stage.overrides):
+                raise RecipeError(f"{where}: `{key}` is set by the recipe runner (the run folder and init_from); "
+                                  "remove it from `set`")
+        try:
+            stage_config(stage)
+        except (ConfigError, OSError, ValueError) as exc:
+            raise RecipeError(f"{where}: its config does not load ({exc})") from None
+        stages.append(stage)
+    ev = data.get("evaluate") or {}
+    if not isinstance(ev, dict):
+        raise RecipeError(f"recipe {path}: `evaluate` must be a mapping with stages and settings")
+    _unknown(f"recipe {path}, evaluate", ev, EVAL_KEYS)
+    evaluate = [str(s) for s in (ev.get("stages") or [s.name for s in stages])]
+    missing = [s for s in evaluate if s not in [t.name for t in stages]]
+    if missing:
+        raise RecipeError(f"recipe {path}, evaluate: stage(s) {', '.join(missing)} are not in `stages`")
+    settings = [parse_setting(s) for s in (ev.get("settings") or [])]
+    if not settings:
+        raise RecipeError(f"recipe {path}, evaluate: list at least one setting, e.g. settings: [5w1s, 20w1s]")
+    episodes, q_query = int(ev.get("episodes", 1000)), int(ev.get("q_query", 15))
+    if episodes < 2 or q_query < 1:
+        raise RecipeError(f"recipe {path}, evaluate: episodes must be >= 2 and q_query >= 1")
+    return Recipe(name, str(data.get("title") or name), str(data.get("description") or "").strip(), stages, evaluate,
+                  settings, episodes, q_query, _str_list(f"recipe {path}, evaluate: set", ev.get("set")), str(path))
+
+
+def _config_path(config: str) -> Path:
+    p = Path(config)
+    return p if p.is_absolute() or p.exists() else ROOT / p
+
+
+def stage_config(stage: Stage, extra: Sequence[str] = ()) -> "Config":  # noqa: F821 - training.config.Config
+    """The stage's resolved training config (its file plus its overrides plus `extra`)."""
+    return load_config(_config_path(stage.config), list(stage.overrides) + list(extra))
+
+
+def stage_overrides(recipe: Recipe, stage: Stage, work: Path, threads: Optional[int]) -> list[str]:
+    """The stage's own overrides plus the run folder, the warm start and the thread count the runner fixes."""
+    extra = [f"out_dir={work / 'runs' / stage.name}"]
+    if stage.init_from:
+        extra.append(f"train.init_from={work / 'runs' / stage.init_from}")
+    if threads:
+        extra.append(f"train.num_threads={threads}")
+    return list(stage.overrides) + extra
+
+
+def train_command(recipe: Recipe, stage: Stage, work: Path, threads: Optional[int], data_root: Optional[str]) -> list[str]:
+    """`metaformer train --resume ...` arguments (without the program) for one stage."""
+    args = ["train", "--resume", "--config", stage.config, "--set", *stage_overrides(recipe, stage, work, threads)]
+    return args + (["--data-root", data_root] if data_root else [])
+
+
+def eval_command(recipe: Recipe, stage: Stage, setting: tuple[int, int], work: Path, data_root: Optional[str]) -> list[str]:
+    """`metaformer eval ...` arguments (without the program) for one stage on one setting."""
+    n, k = setting
+    args = ["eval", "--checkpoint", str(work / "runs" / stage.name), "--episodes", str(recipe.episodes), "--no-progress",
+            "--set", f"data.n_way={n}", f"data.k_shot={k}", f"data.q_query={recipe.q_query}", *recipe.eval_overrides,
+            "--out", str(eval_dir(work, stage.name, setting))]
+    return args + (["--data-root", data_root] if data_root else [])
+
+
+def eval_dir(work: Path, stage: str, setting: tuple[int, int]) -> Path:
+    """Folder of one stage's evaluation on one setting."""
+    return work / "eval" / setting_key(setting) / stage
+
+
+def shown(args: Sequence[str]) -> str:
+    """A command line as a user would type it."""
+    return "metaformer " + " ".join(shlex.quote(a) for a in args)
+
+
+def _same_init(saved: Optional[str], wanted: Optional[str]) -> bool:
+    if not saved or not wanted:
+        return saved == wanted
+    return Path(saved).resolve() == Path(wanted).resolve()
+
+
+def stage_state(recipe: Recipe, stage: Stage, work: Path) -> tuple[str, Optional[int]]:
+    """("done" | "partial" | "new", step) of a stage's run folder; refuses a folder trained with another config."""
+    from training import checkpoint as ckpt_io
+
+    run = work / "runs" / stage.name
+    try:
+        ckpt = ckpt_io.read_checkpoint(run, with_trainer_state=False)
+    except ckpt_io.CheckpointError:
+        if run.exists() and any(run.glob("step-*")):
+            raise  # checkpoints that do not load: say so instead of training over them
+        return "new", None
+    cfg = stage_config(stage, stage_overrides(recipe, stage, work, None)[len(stage.overrides):])
+    diffs = config_differences(ckpt.config, cfg)
+    if "train.init_from" in diffs and _same_init(*diffs["train.init_from"]):
+        del diffs["train.init_from"]  # the same folder reached through another path (e.g. a linked run)
+    if diffs:
+        lines = "; ".join(f"{k}: run {a!r} vs recipe {b!r}" for k, (a, b) in diffs.items())
+        raise RecipeError(f"{run} was trained with another config than stage {stage.name!r} of {recipe.path} ({lines}); "
+                          f"move that folder away or pass another --work folder")
+    return ("done" if ckpt.step >= cfg.train.steps else "partial"), ckpt.step
+
+
+def _eval_current(path: Path, recipe: Recipe, setting: tuple[int, int], step: Optional[int]) -> bool:
+    """True when `path` holds this stage's evaluation on this setting at its current checkpoint step."""
+    try:
+        header, results = read_report(path)
+    except (FileNotFoundError, ValueError):
+        return False
+    want = {"n_way": setting[0], "k_shot": setting[1], "q_query": recipe.q_query, "episodes": recipe.episodes}
+    return all(header.get(k) == v for k, v in want.items()) and len(results) == 1 and results[0].step == step
+
+
+def _run(cmd: list[str], log: Callable[[str], None], cwd: Path) -> None:
+    """Run `python -m metaformer CMD` as a child (inheriting stdout/stderr: the trainer's progress shows)."""
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-m", "metaformer", *cmd], cwd=cwd)
+    if proc.returncode != 0:
+        raise RuntimeError(f"`{shown(cmd)}` failed with exit status {proc.returncode} (its output is above); fix the "
+                           "cause and rerun the recipe: finished stages and evaluations are kept")
+    log(f"[recipe] done in {time.time() - t0:.0f} s: {shown(cmd)}")
+
+
+def _run_parallel(cmds: list[list[str]], jobs: int, log: Callable[[str], None], cwd: Path) -> None:
+    """Run evaluation commands, `jobs` at a time (each child prints only its table)."""
+    pending, running, failed = list(cmds), [], []
+    while pending or running:
+        while pending and len(running) < max(1, jobs):
+            cmd = pending.pop(0)
+            running.append((cmd, time.time(), subprocess.Popen([sys.executable, "-m", "metaformer", *cmd], cwd=cwd,
+                                                               stdout=subprocess.DEVNULL)))
+        time.sleep(0.2)
+        for item in list(running):
+            cmd, t0, proc = item
+            if proc.poll() is not None:
+                running.remove(item)
+                if proc.returncode != 0:
+                    failed.append(shown(cmd))
+                else:
+                    log(f"[recipe] done in {time.time() - t0:.0f} s: {shown(cmd)}")
+    if failed:
+        raise RuntimeError(f"{len(failed)} evaluation(s) failed (their errors are above): {'; '.join(failed)}; "
+                           "fix the cause and rerun the recipe")
+
+
+def training_seconds(run: Path) -> Optional[float]:
+    """Wall time of a run from its log.csv, summed over resumed segments (each restarts wall_s); None without a log."""
+    try:
+        with open(run / "log.csv", newline="") as f:
+            walls = [float(r["wall_s"]) for r in csv.DictReader(f) if r.get("wall_s")]
+    except (OSError, KeyError, ValueError):
+        return None
+    if not walls:
+        return None
+    total, last = 0.0, 0.0
+    for w in walls:
+        if w < last:
+            total += last
+        last = w
+    return total + last
+
+
+def run_recipe(recipe: Recipe, work: Path, *, data_root: Optional[str] = None, threads: Optional[int] = 1, jobs: int = 1,
+               log: Callable[[str], None] = print) -> dict:
+    """Train every stage (resuming or skipping finished ones), evaluate, pair; returns the report's data."""
+    work = Path(work).resolve()
+    data_root = str(Path(data_root).resolve()) if data_root else None  # the children run from the repository root
+    (work / "runs").mkdir(parents=True, exist_ok=True)
+    stages_out = []
+    for i, stage in enumerate(recipe.stages, 1):
+        state, step = stage_state(recipe, stage, work)
+        cmd = train_command(recipe, stage, work, threads, data_root)
+        if state == "done":
+            log(f"[recipe] stage {i}/{len(recipe.stages)} {stage.name}: finished at step {step}, kept")
+        else:
+            log(f"[recipe] stage {i}/{len(recipe.stages)} {stage.name}: "
+                + (f"continuing from step {step}" if state == "partial" else "training"))
+            _run(cmd, log, ROOT)
+            state, step = stage_state(recipe, stage, work)
+            if state != "done":
+                raise RuntimeError(f"stage {stage.name!r} stopped at step {step} before its train.steps (a time cap, "
+                                   "train.max_minutes?); rerun the recipe to continue it")
+        stages_out.append({"name": stage.name, "title": stage.title or stage.name, "config": stage.config,
+                           "init_from": stage.init_from, "step": step, "command": shown(cmd),
+                           "train_seconds": training_seconds(work / "runs" / stage.name)})
+    todo = []
+    for setting in recipe.settings:
+        for name in recipe.evaluate:
+            step = next(s["step"] for s in stages_out if s["name"] == name)
+            if _eval_current(eval_dir(work, name, setting), recipe, setting, step):
+                log(f"[recipe] eval {name} {setting_key(setting)}: done at step {step}, kept")
+            else:
+                todo.append(eval_command(recipe, recipe.stage(name), setting, work, data_root))
+    if todo:
+        log(f"[recipe] {len(todo)} evaluation(s) of {recipe.episodes} episodes, {jobs} at a time")
+        _run_parallel(todo, jobs, log, ROOT)
+    settings_out = []
+    for setting in recipe.settings:
+        header, results = combine_reports([eval_dir(work, name, setting) for name in recipe.evaluate])
+        for name, r in zip(recipe.evaluate, results):
+            r.name = name  # the stage names, not the configs' names (two stages may share a config)
+        write_report(results, work / "eval" / setting_key(setting), header=header)
+        paired = []
+        if len(results) > 1 and all(same_episodes(results[0], r) for r in results[1:]):
+            for r in results[1:]:
+                d = paired_difference(results[0], r)
+                paired.append({**asdict(d), "significant": d.significant})
+        settings_out.append({"setting": setting_key(setting), "header": header,
+                             "results": [r.to_dict() for r in results], "paired_vs_first": paired,
+                             "eval_commands": [shown(eval_command(recipe, recipe.stage(n), setting, work, data_root))
+                                               for n in recipe.evaluate]})
+    return {"recipe": recipe.name, "title": recipe.title, "description": recipe.description, "path": recipe.path,
+            "work": str(work), "stages": stages_out, "settings": settings_out, "episodes": recipe.episodes,
+            "q_query": recipe.q_query}
+
+
+def _metric_cell(r: dict) -> str:
+    scale = 100.0 if r["metric"] == "accuracy" else 1.0
+    return f"{scale * r['mean']:.2f} ± {scale * r['ci95']:.2f}"
+
+
+def _paired_cell(d: dict, metric: str) -> str:
+    scale = 100.0 if metric == "accuracy" else 1.0
+    mark = "" if d["significant"] else " (n.s.)"
+    lo, hi = d["mean"] - d["ci95"], d["mean"] + d["ci95"]
+    return (f"{scale * d['mean']:+.2f} [{scale * lo:+.2f}, {scale * hi:+.2f}], "
+            f"{d['wins']}/{d['losses']}{mark}")
+
+
+def recipe_markdown(report: dict, meta: dict, command: str) -> str:
+    """The recipe's report: how it was run, the stages, one row per evaluated stage, paired rows against the first."""
+    stages = report["stages"]
+    settings = report["settings"]
+    metric = settings[0]["results"][0]["metric"]
+    unit = "accuracy (%), mean ± 95% CI" if metric == "accuracy" else "MSE, mean ± 95% CI"
+    md = [f"# {report['title']}", ""]
+    if report["description"]:
+        md += [report["description"], ""]
+    md += [f"- Command: `{command}` (recipe `{report['path']}`)",
+           f"- Date: {meta.get('date', '?')} UTC; machine: {meta.get('cores', '?')} cores, {meta.get('cpu', '?')}, "
+           f"{meta.get('memory', '?')}, GPU: {meta.get('gpu') or 'none'}; torch {meta.get('torch', '?')}",
+           f"- Commit: `{meta.get('commit', '?')}`" + (" (the working tree had uncommitted changes)" if meta.get("dirty") else ""),
+           f"- Evaluation: {report['episodes']} test episodes per setting with {report['q_query']} queries per class, the "
+           "same episodes for every stage (fingerprints checked); paired differences are the other stage minus "
+           f"`{settings[0]['results'][0]['name']}`, per episode, with their 95% CI and episodes won / lost.", "",
+           "## Stages", "", "| stage | warm start from | steps | training time | command |", "|---|---|---:|---:|---|"]
+    for s in stages:
+        secs = s.get("train_seconds")
+        t = "?" if secs is None else (f"{secs / 60:.0f} min" if secs >= 60 else f"{secs:.0f} s")
+        md.append(f"| {s['name']} | {s['init_from'] or '-'} | {s['step']} | {t} | `{s['command']}` |")
+    md += ["", "Training time is the sum of the run's logged wall time over its resumed segments, on whatever "
+           "machine trained it.", "", f"## Test {unit}", "",
+           "| stage | " + " | ".join(st["setting"] for st in settings) + " |",
+           "|---|" + "---:|" * len(settings)]
+    names = [r["name"] for r in settings[0]["results"]]
+    for i, name in enumerate(names):
+        md.append(f"| {name} | " + " | ".join(_metric_cell(st["results"][i]) for st in settings) + " |")
+    if len(names) > 1:
+        md += ["", f"## Paired differences against {names[0]} (points; [95% CI]; episodes won / lost; n.s. when the "
+               "interval holds 0)", "", "| stage | " + " | ".join(st["setting"] for st in settings) + " |",
+               "|---|" + "---|" * len(settings)]
+        for i, name in enumerate(names[1:]):
+            cells = [(_paired_cell(st["paired_vs_first"][i], metric) if i < len(st["paired_vs_first"]) else "not paired")
+                     for st in settings]
+            md.append(f"| {name} | " + " | ".join(cells) + " |")
+    md += ["", "## Evaluation commands", ""]
+    for st in settings:
+        md += [f"- `{c}`" for c in st["eval_commands"]]
+    return "\n".join(md) + "\n"
+
+
+def write_recipe_report(report: dict, meta: dict, command: str, out: Path) -> tuple[Path, Path]:
+    """Write <out>/<recipe>.md and <out>/<recipe>.json; returns both paths."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    mpath, jpath = out / f"{report['recipe']}.md", out / f"{report['recipe']}.json"
+    atomic_write_text(jpath, json.dumps({**report, "meta": meta, "command": command}, indent=2))
+    atomic_write_text(mpath, recipe_markdown(report, meta, command))
+    return mpath, jpath
