@@ -19,6 +19,11 @@ from metaformer.models.meta_transformer import _Block
 TOL = dict(atol=1e-5, rtol=0.0)
 
 
+def tol(readout: str) -> dict:
+    """TOL, plus float32's relative error for the residual readout's raw-feature distances (logits in the tens)."""
+    return dict(atol=1e-5, rtol=1e-5) if readout == "residual" else TOL
+
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -37,6 +42,10 @@ def small_model(seed: int = 0, **kw: Any) -> MetaTransformer:
         if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
             m.running_mean.uniform_(-0.2, 0.2)
             m.running_var.uniform_(0.5, 2.0)
+    if model.config.readout == "residual":
+        with torch.no_grad():  # the residual head starts at zero; a trained one lets the transformer matter
+            model.head.weight.normal_(0.0, 0.5)
+            model.head.bias.normal_(0.0, 0.1)
     return model.eval()
 
 
@@ -53,7 +62,8 @@ def shuffle_support(ep: Episode, gen: torch.Generator) -> Episode:
 
 
 # ------------------------------------------------------------------------------------ invariances
-@pytest.mark.parametrize("label_code,readout", [("learned", "label"), ("fixed", "label"), ("learned", "prototype")])
+@pytest.mark.parametrize("label_code,readout", [("learned", "label"), ("fixed", "label"), ("learned", "prototype"),
+                                                ("learned", "residual")])
 def test_support_permutation_invariance(label_code: str, readout: str) -> None:
     model = small_model(label_code=label_code, d_model=32, readout=readout)
     eps = glyph_episodes((2, 20), (1, 5), count=4)
@@ -62,10 +72,10 @@ def test_support_permutation_invariance(label_code: str, readout: str) -> None:
         ref = model(EpisodeBatch.collate(eps))
         out = model(EpisodeBatch.collate([shuffle_support(e, gen) for e in eps]))
     assert torch.isfinite(ref).sum() > 0
-    torch.testing.assert_close(out, ref, **TOL)
+    torch.testing.assert_close(out, ref, **tol(readout))
 
 
-@pytest.mark.parametrize("readout", ["label", "prototype"])
+@pytest.mark.parametrize("readout", ["label", "prototype", "residual"])
 def test_changing_one_query_changes_only_that_query(readout: str) -> None:
     model = small_model(readout=readout)
     ep = glyph_episodes(5, 1, q_query=4, count=1)[0]
@@ -75,11 +85,11 @@ def test_changing_one_query_changes_only_that_query(readout: str) -> None:
         ref = model(EpisodeBatch.collate([ep]))[0]
         out = model(EpisodeBatch.collate([Episode(ep.support_x, ep.support_y, qx, ep.query_y, ep.class_names)]))[0]
     others = torch.arange(20) != 7
-    torch.testing.assert_close(out[others], ref[others], **TOL)
+    torch.testing.assert_close(out[others], ref[others], **tol(readout))
     assert (out[7, :5] - ref[7, :5]).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("readout", ["label", "prototype"])
+@pytest.mark.parametrize("readout", ["label", "prototype", "residual"])
 def test_removing_queries_leaves_the_others_unchanged(readout: str) -> None:
     model = small_model(readout=readout)
     ep = glyph_episodes(5, 5, q_query=3, count=1)[0]
@@ -88,10 +98,10 @@ def test_removing_queries_leaves_the_others_unchanged(readout: str) -> None:
         ref = model(EpisodeBatch.collate([ep]))[0]
         out = model(EpisodeBatch.collate([Episode(ep.support_x, ep.support_y, ep.query_x[keep], ep.query_y[keep],
                                                   ep.class_names)]))[0]
-    torch.testing.assert_close(out, ref[keep], **TOL)
+    torch.testing.assert_close(out, ref[keep], **tol(readout))
 
 
-@pytest.mark.parametrize("readout", ["label", "prototype"])
+@pytest.mark.parametrize("readout", ["label", "prototype", "residual"])
 def test_mixed_batch_with_padding_equals_each_task_alone(readout: str) -> None:
     model = small_model(readout=readout)
     eps = glyph_episodes((2, 20), (1, 5), q_query=2, count=5, seed=3)
@@ -102,7 +112,7 @@ def test_mixed_batch_with_padding_equals_each_task_alone(readout: str) -> None:
         for t, ep in enumerate(eps):
             alone = model(EpisodeBatch.collate([ep]))[0]
             q = ep.query_y.numel()
-            torch.testing.assert_close(out[t, :q, : ep.n_way], alone[:, : ep.n_way], **TOL)
+            torch.testing.assert_close(out[t, :q, : ep.n_way], alone[:, : ep.n_way], **tol(readout))
             assert torch.isinf(out[t, :, ep.n_way:]).all() and (out[t, :, ep.n_way:] < 0).all()
             assert torch.isfinite(out[t, :q, : ep.n_way]).all()
 
@@ -197,6 +207,40 @@ def test_prototype_readout_matches_a_per_way_reference() -> None:
     loss, _ = model.train().loss(batch)
     loss.backward()
     assert model.readout_log_scale.grad is not None and model.readout_log_scale.grad.abs() > 0
+
+
+def test_residual_readout_starts_as_a_protonet_on_the_backbone_and_learns() -> None:
+    """Untrained, the residual readout's logits are ProtoNet's on the same backbone; training moves its head."""
+    from metaformer.heads.protonet import ProtoNet
+
+    torch.manual_seed(0)
+    model = MetaTransformer(small_config(readout="residual")).eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+    eps = glyph_episodes((2, 9), (1, 4), q_query=2, count=4, seed=7)
+    batch = EpisodeBatch.collate(eps)
+    proto = ProtoNet(model.backbone, n_way=20).eval()
+    with torch.no_grad():
+        out = model(batch)
+        for t, ep in enumerate(eps):
+            ref = proto.adapt_batch(ep.support_x[None], ep.support_y[None])(ep.query_x[None])[0]
+            q = ep.query_y.numel()
+            torch.testing.assert_close(out[t, :q, : ep.n_way], ref[:, : ep.n_way], atol=1e-3, rtol=1e-5)
+    # the zero head still gets a gradient, so the transformer's correction can grow from ProtoNet's solution
+    model.train()
+    loss, _ = model.loss(batch)
+    loss.backward()
+    # (the blocks get none yet: their output is multiplied by the zero head; they start learning after one step)
+    assert model.head.weight.grad.abs().sum() > 0 and model.blocks[0].qkv.weight.grad.abs().sum() == 0
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    opt.step()
+    opt.zero_grad()
+    model.eval()
+    with torch.no_grad():
+        finite = torch.isfinite(out)
+        assert (model(batch)[finite] - out[finite]).abs().max() > 1e-4
 
 
 # ------------------------------------------------------------------------------------ label codes

@@ -7,8 +7,11 @@ tokens and to itself, so queries never see each other and the output does not de
 the support set. Classification logits are dot products of the query outputs with the label
 embeddings of the episode's N ways (``-inf`` for ways ``>= n_way[t]``), or, with ``readout="prototype"``,
 negative squared distances of the query outputs to the mean output of each way's support tokens (the
-set-to-set adaptation of FEAT, Ye et al. 2020, read out as Prototypical Networks do); regression reads
-``d_out`` values off each query output.
+set-to-set adaptation of FEAT, Ye et al. 2020, read out as Prototypical Networks do), or, with
+``readout="residual"``, the same distances between *adapted backbone features*: each example's features plus
+a zero-initialised projection of its output, so that the untrained learner is exactly a Prototypical Network
+on its backbone and training learns a correction to it (FEAT's residual form); regression reads ``d_out``
+values off each query output.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 _TASKS = ("classification", "regression")
 _LABEL_CODES = ("learned", "fixed")
-_READOUTS = ("label", "prototype")
+_READOUTS = ("label", "prototype", "residual")
 
 
 @dataclass
@@ -54,7 +57,9 @@ class MetaTransformerConfig:
     label_code: str = "learned"
     label_code_seed: int = 0
     # How query outputs become class logits: "label" (dot product with the label embeddings) or "prototype"
-    # (negative squared distance to the mean output of each way's support tokens, times a learned scale).
+    # (negative squared distance to the mean output of each way's support tokens, times a learned scale) or
+    # "residual" (that distance between backbone features plus a zero-initialised projection of the outputs:
+    # a Prototypical Network on the backbone before training, a learned correction after).
     readout: str = "label"
     d_in: int = 1
     d_out: int = 1
@@ -71,7 +76,7 @@ class MetaTransformerConfig:
         if self.readout not in _READOUTS:
             raise ValueError(f"MetaTransformerConfig.readout must be one of {_READOUTS}, got {self.readout!r}")
         if self.task == "regression" and self.readout != "label":
-            raise ValueError("MetaTransformerConfig.readout='prototype' is for classification; regression reads "
+            raise ValueError(f"MetaTransformerConfig.readout={self.readout!r} is for classification; regression reads "
                              "its values off each query output (leave readout='label')")
         for name in ("d_model", "n_layers", "n_heads", "max_way", "d_in", "d_out"):
             value = getattr(self, name)
@@ -248,7 +253,14 @@ class MetaTransformer(nn.Module):
             _Block(d, config.n_heads, config.mlp_ratio, config.dropout) for _ in range(config.n_layers)
         )
         self.norm = nn.LayerNorm(d)
-        self.head = nn.Linear(d, d if config.task == "classification" else config.d_out)
+        if config.readout == "residual":
+            # zero at the start: the logits are then exactly a Prototypical Network's on the backbone's features
+            self.head = nn.Linear(d, out_dim)
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+            self.readout_log_scale = nn.Parameter(torch.tensor(0.0))  # scale 1: ProtoNet's plain squared distance
+        else:
+            self.head = nn.Linear(d, d if config.task == "classification" else config.d_out)
         if config.readout == "prototype":
             # log of the distance scale; 1/d to start keeps the first logits in the softmax's working range
             self.readout_log_scale = nn.Parameter(torch.tensor(-math.log(d)))
@@ -322,8 +334,9 @@ class MetaTransformer(nn.Module):
         if bool(bad.any()):
             raise ValueError("support labels must lie in 0..n_way[t]-1 for every real support example")
 
-    def _tokens(self, batch: EpisodeBatch) -> tuple[Tensor, Tensor]:
-        """Support and query tokens [T, S, d], [T, Q, d] (zeros at padded positions)."""
+    def _tokens(self, batch: EpisodeBatch, with_features: bool = False) -> tuple[Tensor, ...]:
+        """Support and query tokens [T, S, d], [T, Q, d] (zeros at padded positions), then, with ``with_features``,
+        the backbone features laid out the same way: [T, S + Q, out_dim]."""
         s_mask, q_mask = batch.support_mask, batch.query_mask
         t, s = s_mask.shape
         q = q_mask.shape[1]
@@ -347,7 +360,12 @@ class MetaTransformer(nn.Module):
         else:
             s_tok = s_tok + self.target_proj(batch.support_y.to(emb.dtype)) * s_mask[..., None]
         q_tok = q_tok + self.unknown
-        return s_tok, q_tok
+        if not with_features:
+            return s_tok, q_tok
+        laid = feats.new_zeros(t, s + q, feats.shape[-1])
+        laid[:, :s][s_mask] = feats[:n_s]
+        laid[:, s:][q_mask] = feats[n_s:]
+        return s_tok, q_tok, laid
 
     @staticmethod
     def attention_mask(support_mask: Tensor, query_mask: Tensor) -> Tensor:
@@ -364,7 +382,8 @@ class MetaTransformer(nn.Module):
     def forward(self, batch: EpisodeBatch) -> Tensor:
         """Logits [T, Q, max_way] (-inf for ways >= n_way[t]) or regression outputs [T, Q, d_out]."""
         self._check_batch(batch)
-        s_tok, q_tok = self._tokens(batch)
+        residual = self.config.readout == "residual"
+        s_tok, q_tok, *feats = self._tokens(batch, with_features=residual)
         s = s_tok.shape[1]
         x = torch.cat([s_tok, q_tok], dim=1)
         mask = self.attention_mask(batch.support_mask, batch.query_mask)
@@ -372,6 +391,8 @@ class MetaTransformer(nn.Module):
             x = block(x, mask)
         if self.config.readout == "prototype":
             return self._prototype_logits(self.head(self.norm(x)), batch)
+        if residual:
+            return self._prototype_logits(feats[0].float() + self.head(self.norm(x)).float(), batch)
         h = self.head(self.norm(x[:, s:]))
         if self.config.task == "regression":
             return h
