@@ -150,7 +150,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=4, help="the learner's Transformer layers")
     p.add_argument("--d-model", type=int, default=128)
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--readout", choices=("label", "prototype"), default="label")
+    p.add_argument("--readout", choices=("label", "prototype", "residual"), default="label")
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--ways", type=int, default=20, help="classes per training episode (evaluation stays 5- and 20-way)")
     a = p.parse_args()

@@ -91,9 +91,12 @@ def small_source_episodes(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(trainer_mod, "build_episodes", fake_build_episodes)
 
 
-def test_training_on_cached_features_equals_training_on_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("readout", ["label", "residual"])
+def test_training_on_cached_features_equals_training_on_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              readout: str) -> None:
     small_source_episodes(monkeypatch)
-    common = ["train.steps=4", "train.ckpt_every=0", "optim.warmup_steps=0", *FROZEN]
+    options = FROZEN[0].replace("freeze_backbone: true}", f"freeze_backbone: true, readout: {readout}}}")
+    common = ["train.steps=4", "train.ckpt_every=0", "optim.warmup_steps=0", options]
     runs = {}
     for cache in ("true", "false"):
         cfg = load_config(TINY, [f"out_dir={tmp_path / cache}", f"train.feature_cache={cache}", *common])
