@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -270,11 +271,13 @@ def _run(cmd: list[str], log: Callable[[str], None], cwd: Path) -> None:
 def _run_parallel(cmds: list[list[str]], jobs: int, log: Callable[[str], None], cwd: Path) -> None:
     """Run evaluation commands, `jobs` at a time (each child prints only its table)."""
     pending, running, failed = list(cmds), [], []
+    # share the cores between the children instead of every one starting a thread per core
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // max(1, jobs)))}
     while pending or running:
         while pending and len(running) < max(1, jobs):
             cmd = pending.pop(0)
             running.append((cmd, time.time(), subprocess.Popen([sys.executable, "-m", "metaformer", *cmd], cwd=cwd,
-                                                               stdout=subprocess.DEVNULL)))
+                                                               stdout=subprocess.DEVNULL, env=env)))
         time.sleep(0.2)
         for item in list(running):
             cmd, t0, proc = item
