@@ -53,7 +53,7 @@ def test_recipe_chains_stages_pairs_evaluations_and_keeps_finished_work(tmp_path
     report = run_recipe(recipe, work, threads=1, jobs=2, log=logs.append)
 
     assert [(s["name"], s["step"], s["init_from"]) for s in report["stages"]] == [("proto", 4, None), ("mt", 3, "proto")]
-    assert all("--resume" in s["command"] for s in report["stages"])
+    assert all("--resume" in s["command"] and s["trained_now"] for s in report["stages"])
     # the frozen backbone of stage 2 is exactly stage 1's final backbone
     proto = load_file(str(work / "runs" / "proto" / "step-00000004" / "model.safetensors"))
     mt = load_file(str(work / "runs" / "mt" / "step-00000003" / "model.safetensors"))
@@ -86,6 +86,7 @@ def test_recipe_chains_stages_pairs_evaluations_and_keeps_finished_work(tmp_path
     assert sum("kept" in line for line in logs) == 6 and not any("done in" in line for line in logs)
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert again["settings"] == report["settings"]
+    assert not any(s["trained_now"] for s in again["stages"])
 
     # the script renders the report from the finished work folder, with its command and both tables
     spec = importlib.util.spec_from_file_location("metaformer_benchmark_recipe", REPO / "scripts" / "benchmark.py")
@@ -100,6 +101,7 @@ def test_recipe_chains_stages_pairs_evaluations_and_keeps_finished_work(tmp_path
     assert f"| proto | {100 * proto_row['mean']:.2f} ± {100 * proto_row['ci95']:.2f} |" in md
     assert "Paired differences against proto" in md and f"{100 * first['paired_vs_first'][0]['mean']:+.2f}" in md
     assert "scripts/benchmark.py --recipe" in md and "metaformer eval --checkpoint" in md
+    assert "| proto | - | 4 |" in md and "kept (finished earlier)" in md  # this rendering trained nothing
     assert json.loads((out / "results" / "tiny_chain.json").read_text())["meta"]["commit"]
 
     # a run folder trained with another config is refused, naming the key, instead of being reused or overwritten

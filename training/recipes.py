@@ -319,6 +319,7 @@ def run_recipe(recipe: Recipe, work: Path, *, data_root: Optional[str] = None, t
     for i, stage in enumerate(recipe.stages, 1):
         state, step = stage_state(recipe, stage, work)
         cmd = train_command(recipe, stage, work, threads, data_root)
+        trained_now = state != "done"
         if state == "done":
             log(f"[recipe] stage {i}/{len(recipe.stages)} {stage.name}: finished at step {step}, kept")
         else:
@@ -330,7 +331,7 @@ def run_recipe(recipe: Recipe, work: Path, *, data_root: Optional[str] = None, t
                 raise RuntimeError(f"stage {stage.name!r} stopped at step {step} before its train.steps (a time cap, "
                                    "train.max_minutes?); rerun the recipe to continue it")
         stages_out.append({"name": stage.name, "title": stage.title or stage.name, "config": stage.config,
-                           "init_from": stage.init_from, "step": step, "command": shown(cmd),
+                           "init_from": stage.init_from, "step": step, "command": shown(cmd), "trained_now": trained_now,
                            "train_seconds": training_seconds(work / "runs" / stage.name)})
     todo = []
     for setting in recipe.settings:
@@ -392,13 +393,17 @@ def recipe_markdown(report: dict, meta: dict, command: str) -> str:
            f"- Evaluation: {report['episodes']} test episodes per setting with {report['q_query']} queries per class, the "
            "same episodes for every stage (fingerprints checked); paired differences are the other stage minus "
            f"`{settings[0]['results'][0]['name']}`, per episode, with their 95% CI and episodes won / lost.", "",
-           "## Stages", "", "| stage | warm start from | steps | training time | command |", "|---|---|---:|---:|---|"]
+           "## Stages", "", "| stage | warm start from | steps | training time | this run | command |",
+           "|---|---|---:|---:|---|---|"]
     for s in stages:
         secs = s.get("train_seconds")
         t = "?" if secs is None else (f"{secs / 60:.0f} min" if secs >= 60 else f"{secs:.0f} s")
-        md.append(f"| {s['name']} | {s['init_from'] or '-'} | {s['step']} | {t} | `{s['command']}` |")
+        ran = {True: "trained", False: "kept (finished earlier)"}.get(s.get("trained_now"), "?")
+        md.append(f"| {s['name']} | {s['init_from'] or '-'} | {s['step']} | {t} | {ran} | `{s['command']}` |")
     md += ["", "Training time is the sum of the run's logged wall time over its resumed segments, on whatever "
-           "machine trained it.", "", f"## Test {unit}", "",
+           "machine trained it. A stage kept from an earlier run was trained by the same config (checked key by key, "
+           "run-control keys such as the thread count aside), not necessarily by the command shown.", "",
+           f"## Test {unit}", "",
            "| stage | " + " | ".join(st["setting"] for st in settings) + " |",
            "|---|" + "---:|" * len(settings)]
     names = [r["name"] for r in settings[0]["results"]]
