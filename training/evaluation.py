@@ -270,9 +270,22 @@ def paired_difference(reference: EvalResult, other: EvalResult) -> PairedDiffere
                             losses=sum(sign * d < 0 for d in diffs))
 
 
+def pairable(results: Sequence[EvalResult]) -> bool:
+    """Whether there are at least two results and every later one can be paired with the first."""
+    return len(results) > 1 and all(same_episodes(results[0], r) for r in results[1:])
+
+
+def paired_vs_first(results: Sequence[EvalResult]) -> list[dict]:
+    """Each later result's paired difference from the first, JSON-ready ([] when they cannot be paired)."""
+    if not pairable(results):
+        return []
+    diffs = [paired_difference(results[0], r) for r in results[1:]]
+    return [{**asdict(d), "significant": d.significant} for d in diffs]
+
+
 def paired_table(results: Sequence[EvalResult]) -> str:
     """Markdown table of every result's paired difference from the first ("" when fewer than two can be paired)."""
-    if len(results) < 2 or not all(same_episodes(results[0], r) for r in results[1:]):
+    if not pairable(results):
         return ""
     ref = results[0]
     scale, unit = (100.0, " (points)") if ref.metric == "accuracy" else (1.0, "")
@@ -301,9 +314,9 @@ def write_report(results: Sequence[EvalResult], out_dir: Path, stem: str = "eval
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     payload = {**(header or {}), "results": [r.to_dict(with_episodes=True) for r in results]}
-    if len(results) > 1 and all(same_episodes(results[0], r) for r in results[1:]):
-        diffs = [paired_difference(results[0], r) for r in results[1:]]
-        payload["paired_vs_first"] = [{**asdict(d), "significant": d.significant} for d in diffs]
+    paired = paired_vs_first(results)
+    if paired:
+        payload["paired_vs_first"] = paired
     jpath, mpath = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
     atomic_write_text(jpath, json.dumps(payload, indent=2))
     atomic_write_text(mpath, report_markdown(results))

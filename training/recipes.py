@@ -36,7 +36,7 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -44,7 +44,7 @@ import yaml
 
 from training.atomic import atomic_write_text
 from training.config import ConfigError, config_differences, load_config
-from training.evaluation import combine_reports, paired_difference, read_report, same_episodes, write_report
+from training.evaluation import combine_reports, paired_vs_first, read_report, write_report
 
 ROOT = Path(__file__).resolve().parent.parent
 SETTING_RE = re.compile(r"^(\d+)w(\d+)s$")
@@ -180,9 +180,9 @@ def _config_path(config: str) -> Path:
     return p if p.is_absolute() or p.exists() else ROOT / p
 
 
-def stage_config(stage: Stage, extra: Sequence[str] = ()) -> "Config":  # noqa: F821 - training.config.Config
-    """The stage's resolved training config (its file plus its overrides plus `extra`)."""
-    return load_config(_config_path(stage.config), list(stage.overrides) + list(extra))
+def stage_config(stage: Stage) -> "Config":  # noqa: F821 - training.config.Config
+    """The stage's resolved training config (its file plus its overrides)."""
+    return load_config(_config_path(stage.config), stage.overrides)
 
 
 def stage_overrides(recipe: Recipe, stage: Stage, work: Path, threads: Optional[int]) -> list[str]:
@@ -237,7 +237,7 @@ def stage_state(recipe: Recipe, stage: Stage, work: Path) -> tuple[str, Optional
         if run.exists() and any(run.glob("step-*")):
             raise  # checkpoints that do not load: say so instead of training over them
         return "new", None
-    cfg = stage_config(stage, stage_overrides(recipe, stage, work, None)[len(stage.overrides):])
+    cfg = load_config(_config_path(stage.config), stage_overrides(recipe, stage, work, None))
     diffs = config_differences(ckpt.config, cfg)
     if "train.init_from" in diffs and _same_init(*diffs["train.init_from"]):
         del diffs["train.init_from"]  # the same folder reached through another path (e.g. a linked run)
@@ -350,13 +350,8 @@ def run_recipe(recipe: Recipe, work: Path, *, data_root: Optional[str] = None, t
         for name, r in zip(recipe.evaluate, results):
             r.name = name  # the stage names, not the configs' names (two stages may share a config)
         write_report(results, work / "eval" / setting_key(setting), header=header)
-        paired = []
-        if len(results) > 1 and all(same_episodes(results[0], r) for r in results[1:]):
-            for r in results[1:]:
-                d = paired_difference(results[0], r)
-                paired.append({**asdict(d), "significant": d.significant})
         settings_out.append({"setting": setting_key(setting), "header": header,
-                             "results": [r.to_dict() for r in results], "paired_vs_first": paired,
+                             "results": [r.to_dict() for r in results], "paired_vs_first": paired_vs_first(results),
                              "eval_commands": [shown(eval_command(recipe, recipe.stage(n), setting, work, data_root))
                                                for n in recipe.evaluate]})
     return {"recipe": recipe.name, "title": recipe.title, "description": recipe.description, "path": recipe.path,
