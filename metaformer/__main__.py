@@ -1,7 +1,5 @@
 """`python -m metaformer ...` runs the `metaformer` command (what child processes of scripts call)."""
 
-import sys
+from metaformer.cli import entry
 
-from metaformer.cli import main
-
-sys.exit(main())
+entry()

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from typing import Optional, Sequence
+from typing import NoReturn, Optional, Sequence
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -113,5 +114,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 1
 
 
+def entry() -> NoReturn:
+    """Console entry point: run `main` and exit with its status."""
+    code = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # A torchrun rank leaves without interpreter finalization: everything is written and the process group
+        # is gone, but a Gloo thread still holding a tensor can abort the rank while Python tears down
+        # (pytorch/pytorch#179291), turning a finished job into a failed one.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

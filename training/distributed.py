@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -80,3 +81,4 @@ def cleanup(info: DistInfo, synchronize: bool = False) -> None:
             # down while its last exchange is still in flight; on an error path a barrier could hang instead
             dist.barrier()
         dist.destroy_process_group()
+        gc.collect()  # free the group's last references now, not during interpreter finalization

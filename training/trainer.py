@@ -4,6 +4,7 @@ checkpoints with exact resume, and data-parallel training under torchrun."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import time
@@ -285,6 +286,12 @@ class Trainer:
             finished = True
             return result
         finally:
+            if self.info.enabled:
+                # Drop DDP (its reducer holds the process group and Gloo work objects that hold tensors) while the
+                # interpreter is fully alive: freed during finalization instead, a Gloo thread that needs the GIL
+                # aborts the rank ("terminate called without an active exception", pytorch/pytorch#179291).
+                self.wrapped = LossModule(self.step_model)
+                gc.collect()
             cleanup(self.info, synchronize=finished)
 
     def _run(self) -> TrainResult:
