@@ -15,7 +15,8 @@ import yaml
 from safetensors.torch import load_file
 
 from training.evaluation import mean_ci95, read_report
-from training.recipes import RecipeError, load_recipe, parse_setting, run_recipe, stage_state, training_seconds
+from training.recipes import (RecipeError, load_recipe, parse_setting, recipe_markdown, run_recipe, stage_state,
+                              training_seconds)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -109,12 +110,34 @@ def test_recipe_chains_stages_pairs_evaluations_and_keeps_finished_work(tmp_path
     with pytest.raises(RecipeError, match="optim.lr"):
         stage_state(other, other.stage("proto"), work.resolve())
 
+    # a stage restricted to some settings: evaluated and paired there only, shown as such elsewhere
+    only = load_recipe(_recipe_file(tmp_path, evaluate={"stages": ["proto", {"name": "mt", "settings": ["3w2s"]}],
+                                                        "settings": ["5w1s", "3w2s"], "episodes": 10, "q_query": 3}))
+    assert only.evaluated_on((5, 1)) == ["proto"] and only.evaluated_on((3, 2)) == ["proto", "mt"]
+    logs.clear()
+    part = run_recipe(only, work, threads=1, log=logs.append)
+    assert sum("kept" in line for line in logs) == 5  # 2 stages + 3 evaluations, nothing run
+    five, three = part["settings"]
+    assert [r["name"] for r in five["results"]] == ["proto"] and five["paired_vs_first"] == []
+    assert three == report["settings"][1]
+    md = recipe_markdown(part, {}, "cmd")
+    mt_rows = [line for line in md.splitlines() if line.startswith("| mt | not evaluated |")]
+    assert len(mt_rows) == 2  # the accuracy table and the paired table
+    assert f"{100 * three['paired_vs_first'][0]['mean']:+.2f}" in mt_rows[1]
+
 
 @pytest.mark.parametrize("change, message", [
     ({"evaluate": {"settings": ["5x1"]}}, "not of the form NwKs"),
     ({"evaluate": {"settings": ["5w1s"], "stages": ["nope"]}}, "nope are not in `stages`"),
     ({"evaluate": {"settings": []}}, "at least one setting"),
     ({"colour": "red"}, "unknown key"),
+    ({"evaluate": {"settings": ["5w1s"], "stages": ["proto", {"name": "mt", "settings": ["3w2s"]}]}},
+     "which `evaluate.settings` does not"),
+    ({"evaluate": {"settings": ["5w1s"], "stages": [{"name": "proto", "settings": ["5w1s"]}, "mt"]}},
+     "list it by name only"),
+    ({"evaluate": {"settings": ["5w1s"], "stages": ["proto", {"name": "mt"}]}}, "non-empty `settings`"),
+    ({"evaluate": {"settings": ["5w1s"], "stages": ["proto", {"name": "mt", "settings": ["5w1s"], "shots": 1}]}},
+     "unknown key"),
 ])
 def test_recipe_errors_name_the_problem(tmp_path: Path, change: dict, message: str) -> None:
     """Bad recipe keys and settings are refused with a message that names them."""

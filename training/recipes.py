@@ -16,6 +16,7 @@ A recipe is a YAML file (examples in training/recipes/)::
     evaluate:
       stages: [protonet, meta_transformer]  # the first is the reference of the paired differences
       settings: [5w1s, 5w5s, 20w1s, 20w5s]
+      # a stage meant for some settings only: {name: protonet_5shot, settings: [5w5s, 20w5s]}
       episodes: 1000
       q_query: 15
 
@@ -82,10 +83,16 @@ class Recipe:
     q_query: int = 15
     eval_overrides: list[str] = field(default_factory=list)
     path: Optional[str] = None
+    # stages evaluated on some settings only (the others: every setting)
+    stage_settings: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
 
     def stage(self, name: str) -> Stage:
         """The stage called `name`."""
         return next(s for s in self.stages if s.name == name)
+
+    def evaluated_on(self, setting: tuple[int, int]) -> list[str]:
+        """The stages evaluated on `setting`, in the order of `evaluate` (the reference first)."""
+        return [n for n in self.evaluate if setting in self.stage_settings.get(n, self.settings)]
 
 
 def parse_setting(text: str) -> tuple[int, int]:
@@ -161,18 +168,37 @@ def load_recipe(path: str | Path) -> Recipe:
     if not isinstance(ev, dict):
         raise RecipeError(f"recipe {path}: `evaluate` must be a mapping with stages and settings")
     _unknown(f"recipe {path}, evaluate", ev, EVAL_KEYS)
-    evaluate = [str(s) for s in (ev.get("stages") or [s.name for s in stages])]
-    missing = [s for s in evaluate if s not in [t.name for t in stages]]
-    if missing:
-        raise RecipeError(f"recipe {path}, evaluate: stage(s) {', '.join(missing)} are not in `stages`")
     settings = [parse_setting(s) for s in (ev.get("settings") or [])]
     if not settings:
         raise RecipeError(f"recipe {path}, evaluate: list at least one setting, e.g. settings: [5w1s, 20w1s]")
+    evaluate, stage_settings = [], {}
+    for item in ev.get("stages") or [s.name for s in stages]:
+        if isinstance(item, dict):
+            _unknown(f"recipe {path}, evaluate: stage {item.get('name')!r}", item, {"name", "settings"})
+            if "name" not in item or not item.get("settings"):
+                raise RecipeError(f"recipe {path}, evaluate: a stage given as a mapping needs `name` and a non-empty "
+                                  "`settings` list, e.g. {name: protonet_5shot, settings: [5w5s, 20w5s]}")
+            own = [parse_setting(x) for x in item["settings"]]
+            extra = [setting_key(x) for x in own if x not in settings]
+            if extra:
+                raise RecipeError(f"recipe {path}, evaluate: stage {item['name']!r} lists {', '.join(extra)}, which "
+                                  "`evaluate.settings` does not; add it there")
+            stage_settings[str(item["name"])] = own
+            evaluate.append(str(item["name"]))
+        else:
+            evaluate.append(str(item))
+    missing = [s for s in evaluate if s not in [t.name for t in stages]]
+    if missing:
+        raise RecipeError(f"recipe {path}, evaluate: stage(s) {', '.join(missing)} are not in `stages`")
+    if evaluate and evaluate[0] in stage_settings:
+        raise RecipeError(f"recipe {path}, evaluate: the first stage ({evaluate[0]}) is the reference of every paired "
+                          "difference and is evaluated on every setting; list it by name only")
     episodes, q_query = int(ev.get("episodes", 1000)), int(ev.get("q_query", 15))
     if episodes < 2 or q_query < 1:
         raise RecipeError(f"recipe {path}, evaluate: episodes must be >= 2 and q_query >= 1")
     return Recipe(name, str(data.get("title") or name), str(data.get("description") or "").strip(), stages, evaluate,
-                  settings, episodes, q_query, _str_list(f"recipe {path}, evaluate: set", ev.get("set")), str(path))
+                  settings, episodes, q_query, _str_list(f"recipe {path}, evaluate: set", ev.get("set")), str(path),
+                  stage_settings)
 
 
 def _config_path(config: str) -> Path:
@@ -335,7 +361,7 @@ def run_recipe(recipe: Recipe, work: Path, *, data_root: Optional[str] = None, t
                            "train_seconds": training_seconds(work / "runs" / stage.name)})
     todo = []
     for setting in recipe.settings:
-        for name in recipe.evaluate:
+        for name in recipe.evaluated_on(setting):
             step = next(s["step"] for s in stages_out if s["name"] == name)
             if _eval_current(eval_dir(work, name, setting), recipe, setting, step):
                 log(f"[recipe] eval {name} {setting_key(setting)}: done at step {step}, kept")
@@ -346,14 +372,15 @@ def run_recipe(recipe: Recipe, work: Path, *, data_root: Optional[str] = None, t
         _run_parallel(todo, jobs, log, ROOT)
     settings_out = []
     for setting in recipe.settings:
-        header, results = combine_reports([eval_dir(work, name, setting) for name in recipe.evaluate])
-        for name, r in zip(recipe.evaluate, results):
+        names = recipe.evaluated_on(setting)
+        header, results = combine_reports([eval_dir(work, name, setting) for name in names])
+        for name, r in zip(names, results):
             r.name = name  # the stage names, not the configs' names (two stages may share a config)
         write_report(results, work / "eval" / setting_key(setting), header=header)
         settings_out.append({"setting": setting_key(setting), "header": header,
                              "results": [r.to_dict() for r in results], "paired_vs_first": paired_vs_first(results),
                              "eval_commands": [shown(eval_command(recipe, recipe.stage(n), setting, work, data_root))
-                                               for n in recipe.evaluate]})
+                                               for n in names]})
     return {"recipe": recipe.name, "title": recipe.title, "description": recipe.description, "path": recipe.path,
             "work": str(work), "stages": stages_out, "settings": settings_out, "episodes": recipe.episodes,
             "q_query": recipe.q_query}
@@ -401,16 +428,28 @@ def recipe_markdown(report: dict, meta: dict, command: str) -> str:
            f"## Test {unit}", "",
            "| stage | " + " | ".join(st["setting"] for st in settings) + " |",
            "|---|" + "---:|" * len(settings)]
-    names = [r["name"] for r in settings[0]["results"]]
-    for i, name in enumerate(names):
-        md.append(f"| {name} | " + " | ".join(_metric_cell(st["results"][i]) for st in settings) + " |")
+    names = list(dict.fromkeys(r["name"] for st in settings for r in st["results"]))
+
+    def cell(st: dict, name: str) -> str:
+        found = [r for r in st["results"] if r["name"] == name]
+        return _metric_cell(found[0]) if found else "not evaluated"
+
+    for name in names:
+        md.append(f"| {name} | " + " | ".join(cell(st, name) for st in settings) + " |")
     if len(names) > 1:
         md += ["", f"## Paired differences against {names[0]} (points; [95% CI]; episodes won / lost; n.s. when the "
                "interval holds 0)", "", "| stage | " + " | ".join(st["setting"] for st in settings) + " |",
                "|---|" + "---|" * len(settings)]
-        for i, name in enumerate(names[1:]):
-            cells = [(_paired_cell(st["paired_vs_first"][i], metric) if i < len(st["paired_vs_first"]) else "not paired")
-                     for st in settings]
+        for name in names[1:]:
+            cells = []
+            for st in settings:
+                others = [r["name"] for r in st["results"][1:]]
+                if name not in others:
+                    cells.append("not evaluated")
+                    continue
+                i = others.index(name)
+                cells.append(_paired_cell(st["paired_vs_first"][i], metric) if i < len(st["paired_vs_first"])
+                             else "not paired")
             md.append(f"| {name} | " + " | ".join(cells) + " |")
     md += ["", "## Evaluation commands", ""]
     for st in settings:
