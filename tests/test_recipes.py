@@ -138,6 +138,8 @@ def test_recipe_chains_stages_pairs_evaluations_and_keeps_finished_work(tmp_path
     ({"evaluate": {"settings": ["5w1s"], "stages": ["proto", {"name": "mt"}]}}, "non-empty `settings`"),
     ({"evaluate": {"settings": ["5w1s"], "stages": ["proto", {"name": "mt", "settings": ["5w1s"], "shots": 1}]}},
      "unknown key"),
+    ({"evaluate": {"settings": ["5w1s"], "stages": ["proto", {"name": "mt", "settings": "5w1s"}]}}, "must be a list"),
+    ({"evaluate": {"settings": ["5w1s"], "stages": ["proto", "mt", "mt"]}}, "mt listed more than once"),
 ])
 def test_recipe_errors_name_the_problem(tmp_path: Path, change: dict, message: str) -> None:
     """Bad recipe keys and settings are refused with a message that names them."""

@@ -178,6 +178,9 @@ def load_recipe(path: str | Path) -> Recipe:
             if "name" not in item or not item.get("settings"):
                 raise RecipeError(f"recipe {path}, evaluate: a stage given as a mapping needs `name` and a non-empty "
                                   "`settings` list, e.g. {name: protonet_5shot, settings: [5w5s, 20w5s]}")
+            if not isinstance(item["settings"], list):
+                raise RecipeError(f"recipe {path}, evaluate: stage {item['name']!r}: `settings` must be a list, "
+                                  f"e.g. [5w5s, 20w5s], got {item['settings']!r}")
             own = [parse_setting(x) for x in item["settings"]]
             extra = [setting_key(x) for x in own if x not in settings]
             if extra:
@@ -190,6 +193,9 @@ def load_recipe(path: str | Path) -> Recipe:
     missing = [s for s in evaluate if s not in [t.name for t in stages]]
     if missing:
         raise RecipeError(f"recipe {path}, evaluate: stage(s) {', '.join(missing)} are not in `stages`")
+    twice = sorted({s for s in evaluate if evaluate.count(s) > 1})
+    if twice:
+        raise RecipeError(f"recipe {path}, evaluate: stage(s) {', '.join(twice)} listed more than once; list each once")
     if evaluate and evaluate[0] in stage_settings:
         raise RecipeError(f"recipe {path}, evaluate: the first stage ({evaluate[0]}) is the reference of every paired "
                           "difference and is evaluated on every setting; list it by name only")
