@@ -446,17 +446,14 @@ def recipe_markdown(report: dict, meta: dict, command: str) -> str:
         md += ["", f"## Paired differences against {names[0]} (points; [95% CI]; episodes won / lost; n.s. when the "
                "interval holds 0)", "", "| stage | " + " | ".join(st["setting"] for st in settings) + " |",
                "|---|" + "---|" * len(settings)]
+        def paired_cell(st: dict, name: str) -> str:
+            found = [d for d in st["paired_vs_first"] if d["name"] == name]
+            if found:
+                return _paired_cell(found[0], metric)
+            return "not paired" if any(r["name"] == name for r in st["results"]) else "not evaluated"
+
         for name in names[1:]:
-            cells = []
-            for st in settings:
-                others = [r["name"] for r in st["results"][1:]]
-                if name not in others:
-                    cells.append("not evaluated")
-                    continue
-                i = others.index(name)
-                cells.append(_paired_cell(st["paired_vs_first"][i], metric) if i < len(st["paired_vs_first"])
-                             else "not paired")
-            md.append(f"| {name} | " + " | ".join(cells) + " |")
+            md.append(f"| {name} | " + " | ".join(paired_cell(st, name) for st in settings) + " |")
     md += ["", "## Evaluation commands", ""]
     for st in settings:
         md += [f"- `{c}`" for c in st["eval_commands"]]
