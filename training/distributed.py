@@ -81,4 +81,4 @@ def cleanup(info: DistInfo, synchronize: bool = False) -> None:
             # down while its last exchange is still in flight; on an error path a barrier could hang instead
             dist.barrier()
         dist.destroy_process_group()
-        gc.collect()  # free the group's last references now, not during interpreter finalization
+        gc.collect()  # free what still holds the group (a dropped DDP wrapper's cycle) now, not at finalization

@@ -4,7 +4,6 @@ checkpoints with exact resume, and data-parallel training under torchrun."""
 from __future__ import annotations
 
 import contextlib
-import gc
 import json
 import math
 import time
@@ -287,11 +286,11 @@ class Trainer:
             return result
         finally:
             if self.info.enabled:
-                # Drop DDP (its reducer holds the process group and Gloo work objects that hold tensors) while the
-                # interpreter is fully alive: freed during finalization instead, a Gloo thread that needs the GIL
-                # aborts the rank ("terminate called without an active exception", pytorch/pytorch#179291).
+                # Drop DDP (its reducer holds the process group and Gloo work objects that hold tensors) so that
+                # cleanup's collection frees it while the interpreter is fully alive: freed during finalization
+                # instead, a Gloo thread that needs the GIL aborts the rank ("terminate called without an active
+                # exception", pytorch/pytorch#179291).
                 self.wrapped = LossModule(self.step_model)
-                gc.collect()
             cleanup(self.info, synchronize=finished)
 
     def _run(self) -> TrainResult:
