@@ -17,6 +17,9 @@ between training and held-out accuracy:
   rotations do in the first place), embedded once by the same backbone, which never saw them.
 - ``--protores``: the logits get ``- alpha * ||q - c_k||^2`` added (ProtoNet's rule on the backbone
   features, alpha learned, starting at 1), so the learner only learns a residual on top of ProtoNet.
+- ``--centroid-probes``: no learner; ProtoNet's nearest class mean on the test features after fixed transforms
+  (L2 normalisation, centring on the training mean then L2 (SimpleShot's CL2N), square root then L2, whitening by
+  the training split's within-class covariance with shrinkage), paired against the raw features per episode.
 
     .venv/bin/python scripts/frozen_feature_probes.py --protonet RUN --data-root ../shared/data \
         --cache /tmp/feats.pt --out /tmp/probe_base
@@ -33,6 +36,7 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -130,6 +134,53 @@ def augmented_copies(backbone: nn.Module | None, cfg: Config | None, data_root: 
     return torch.stack(copies)
 
 
+def feature_transforms(train_x: Tensor, train_y: Tensor) -> dict[str, Callable[[Tensor], Tensor]]:
+    """Fixed feature maps fitted on the training split: normalisations and within-class whitening."""
+    mu = train_x.mean(0)
+    n_cls = int(train_y.max()) + 1
+    means = torch.zeros(n_cls, train_x.shape[1]).index_add_(0, train_y, train_x)
+    means = means / torch.bincount(train_y, minlength=n_cls).unsqueeze(1)
+    resid = train_x - means[train_y]
+    evals, evecs = torch.linalg.eigh(resid.T @ resid / len(train_x))
+    maps: dict[str, Callable[[Tensor], Tensor]] = {
+        "raw": lambda x: x,
+        "l2n": lambda x: F.normalize(x, dim=-1),
+        "cl2n": lambda x: F.normalize(x - mu, dim=-1),
+        "sqrt_l2n": lambda x: F.normalize(x.clamp_min(0).sqrt(), dim=-1),
+    }
+    for lam in (0.1, 0.3, 1.0, 3.0):
+        # shrinkage toward the mean eigenvalue keeps the near-null directions of the covariance from exploding
+        shrink = lam * evals.mean()
+        w = evecs @ torch.diag((evals + shrink).rsqrt()) @ evecs.T
+        maps[f"whiten{lam}"] = lambda x, w=w: x @ w
+    return maps
+
+
+def centroid_probes(train_x: Tensor, train_y: Tensor, test: TensorClassSource, out: Path) -> None:
+    """Nearest-class-mean accuracy on the test features under each fixed transform, paired against raw features."""
+    maps = feature_transforms(train_x, train_y)
+    res: dict[str, dict] = {}
+    for n, k in ((5, 1), (5, 5), (20, 1), (20, 5)):
+        sampler = EpisodeSampler(test, n, k, 15, seed=2024)
+        accs: dict[str, list[Tensor]] = {name: [] for name in maps}
+        for start in range(0, 1000, 50):
+            b = sampler.batch(start, 50)
+            for name, fn in maps.items():
+                protos, _ = class_means(fn(b.support_x), b.support_y, b.support_mask, n)
+                hit = (torch.cdist(fn(b.query_x), protos).argmin(-1) == b.query_y).float() * b.query_mask
+                accs[name].append(hit.sum(-1) / b.query_mask.sum(-1))
+        raw = torch.cat(accs["raw"])
+        for name, parts in accs.items():
+            acc, diff = torch.cat(parts), torch.cat(parts) - raw
+            row = {"mean": round(100 * float(acc.mean()), 2), "ci95": round(196 * float(acc.std()) / len(acc) ** 0.5, 2),
+                   "paired": round(100 * float(diff.mean()), 3),
+                   "paired_ci95": round(196 * float(diff.std()) / len(diff) ** 0.5, 3)}
+            res.setdefault(f"{n}w{k}s", {})[name] = row
+            print(f"{n}w{k}s {name:10s} {row['mean']:.2f} ± {row['ci95']:.2f}  paired {row['paired']:+.3f} ± "
+                  f"{row['paired_ci95']:.3f}", flush=True)
+    (out / "results.json").write_text(json.dumps(res, indent=1))
+
+
 def main() -> None:
     """Train one probe and write its results."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -153,6 +204,8 @@ def main() -> None:
     p.add_argument("--readout", choices=("label", "prototype", "residual"), default="label")
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--ways", type=int, default=20, help="classes per training episode (evaluation stays 5- and 20-way)")
+    p.add_argument("--centroid-probes", action="store_true",
+                   help="no learner: nearest class mean after fixed feature transforms, paired against raw features")
     a = p.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -174,6 +227,9 @@ def main() -> None:
         feats["train"] = (torch.cat([items, torch.load(flip_cache)]), torch.cat([labels, labels + len(names)]),
                           names + [f"{n}/flip" for n in names])
     srcs = {k: TensorClassSource(v[0], v[1], v[2], name=k) for k, v in feats.items()}
+    if a.centroid_probes:
+        centroid_probes(feats["train"][0], feats["train"][1], srcs["test"], a.out)
+        return
     dim = int(srcs["train"].items.shape[1])
     copies = None
     if a.aug:
