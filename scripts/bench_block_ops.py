@@ -22,12 +22,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def timed_ms(fn, repeats: int) -> float:  # noqa: ANN001
+def timed_ms(fn: Callable[[], object], repeats: int) -> float:
     """Median milliseconds of ``repeats`` calls after one warm-up call."""
     import statistics
 
