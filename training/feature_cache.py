@@ -29,6 +29,8 @@ def cache_blocker(model: nn.Module, episodes: Any, world_size: int) -> Optional[
         return "the backbone trains (set model.options.freeze_backbone=true to freeze it)"
     if world_size > 1:
         return "it is not implemented for multi-process training"
+    if getattr(episodes, "augmented", False):
+        return "the training images are augmented (data.options.train_augment): each step needs fresh features"
     source = getattr(episodes, "source", None)
     if source is None or not hasattr(source, "sizes_of"):
         return f"the training episodes ({type(episodes).__name__}) do not come from a class source"

@@ -56,7 +56,14 @@ def build_episodes(cfg: Config, split: str, data_root: Optional[str] = None) -> 
     if split == d.train_split:  # mixed-size training episodes where asked; evaluation keeps the fixed shape
         ways = tuple(d.train_ways) if d.train_ways is not None else ways
         shots = tuple(d.train_shots) if d.train_shots is not None else shots
-    return data.EpisodeSampler(source, ways, shots, d.q_query, seed=seed)
+    episodes = data.EpisodeSampler(source, ways, shots, d.q_query, seed=seed)
+    augment = d.options.get("train_augment") if d.source == "omniglot" else None
+    if augment and split == d.train_split:
+        # training images only: validation and test episodes stay the split's own images
+        from metaformer.data.augment import AffineAugment, AugmentedEpisodes
+
+        return AugmentedEpisodes(episodes, AffineAugment.from_option(augment), seed)
+    return episodes
 
 
 OMNIGLOT_SCHEMES = ("vinyals", "alphabets")
@@ -73,7 +80,9 @@ def _omniglot_source(cfg: Config, split: str, data_root: Optional[str]) -> Any:
     data.options.split_scheme: "vinyals" (the standard benchmark split, rotations as classes; needs
     images_background.zip and images_evaluation.zip) or "alphabets" (background alphabets only, split by
     alphabet 20/5/5 into train/val/test, with rotations unless data.options.rotations is false;
-    data.options.train_mirrors adds each training class's mirror image as a new class). ``split`` is a
+    data.options.train_mirrors adds each training class's mirror image as a new class;
+    data.options.train_augment warps every training image by a random affine map, see
+    metaformer.data.augment). ``split`` is a
     part name (one of OMNIGLOT_PARTS) or one of the config's data.*_split names.
     """
     root = resolve_data_root(cfg, data_root)
@@ -87,9 +96,15 @@ def _omniglot_source(cfg: Config, split: str, data_root: Optional[str]) -> Any:
     rotations = bool(opts.pop("rotations", True))
     split_seed = int(opts.pop("split_seed", 0))
     train_mirrors = bool(opts.pop("train_mirrors", False))
+    try:  # applied by build_episodes; checked here with the other options
+        from metaformer.data.augment import AffineAugment
+
+        AffineAugment.from_option(opts.pop("train_augment", None))
+    except ValueError as exc:
+        raise ConfigError(f"data.options.{exc}") from None
     if opts:
         raise ConfigError(f"unknown data.options for omniglot: {sorted(opts)}; "
-                          "valid: split_scheme, rotations, split_seed, train_mirrors")
+                          "valid: split_scheme, rotations, split_seed, train_mirrors, train_augment")
     named = {cfg.data.train_split: "train", cfg.data.val_split: "val", cfg.data.test_split: "test"}
     part = split if split in OMNIGLOT_PARTS else named.get(split, split)
     if part not in OMNIGLOT_PARTS:

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 from metaformer._lazy import lazy_exports
 
 __getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    "augment": ["AffineAugment", "AugmentedEpisodes", "random_affine"],
     "episodes": ["Episode", "EpisodeBatch"],
     "glyphs": ["GlyphFamily"],
     "hf": ["hf_class_source", "load_hf_source"],
@@ -21,6 +22,7 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
 })
 
 if TYPE_CHECKING:  # static tools see the real names
+    from metaformer.data.augment import AffineAugment, AugmentedEpisodes, random_affine
     from metaformer.data.episodes import Episode, EpisodeBatch
     from metaformer.data.glyphs import GlyphFamily
     from metaformer.data.hf import hf_class_source, load_hf_source
