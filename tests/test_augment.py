@@ -116,8 +116,33 @@ def test_omniglot_train_augment_warps_the_training_split_only() -> None:
         assert not isinstance(ev, AugmentedEpisodes)
         assert torch.equal(ev.batch(0, 1).query_x, build_episodes(plain_cfg, part).batch(0, 1).query_x)
     bad = load_config(PROTONET, [*over, "data.options={split_scheme: alphabets, train_augment: {shear: 0.1}}"])
-    with pytest.raises(ConfigError, match=r"data.options.unknown train_augment keys \['shear'\]"):
+    with pytest.raises(ConfigError, match=r"data.options.train_augment: unknown train_augment keys \['shear'\]"):
         build_episodes(bad, "test")
     # a frozen backbone cannot train on cached features of warped images: it says why
     model = MetaTransformer(MetaTransformerConfig(backbone="conv4", max_way=5, freeze_backbone=True))
     assert "augmented" in cache_blocker(model, train, 1) and cache_blocker(model, plain, 1) is None
+
+
+def test_an_augmented_omniglot_run_resumes_exactly(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from training import checkpoint as ckpt_io
+    from training.trainer import train
+
+    sets = [f"data.root={_data_root()}", "data.options={split_scheme: alphabets, train_augment: true}",
+            "train.steps=4", "train.ckpt_every=2", "train.val_every=0", "train.meta_batch=2", "data.q_query=2",
+            "train.progress=false", "train.tensorboard=false", "train.num_threads=1", "optim.warmup_steps=0",
+            "optim.schedule=constant"]  # the first part stops at step 2 of the same constant schedule
+    whole = train(load_config(PROTONET, [*sets, f"out_dir={tmp_path / 'whole'}"]))
+    assert whole.step == 4
+    part = tmp_path / "part"
+    train(load_config(PROTONET, [*sets, f"out_dir={part}", "train.steps=2"]))
+    train(load_config(PROTONET, [*sets, f"out_dir={part}"]), resume=True)
+    a = load_file(str(ckpt_io.list_checkpoints(tmp_path / "whole")[-1] / ckpt_io.WEIGHTS_FILE))
+    b = load_file(str(ckpt_io.list_checkpoints(part)[-1] / ckpt_io.WEIGHTS_FILE))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # and the warps reach training: without them the same steps give other weights
+    plain = train(load_config(PROTONET, [*sets[:1], "data.options={split_scheme: alphabets}", *sets[2:],
+                                         f"out_dir={tmp_path / 'plain'}"]))
+    c = load_file(str(ckpt_io.list_checkpoints(tmp_path / "plain")[-1] / ckpt_io.WEIGHTS_FILE))
+    assert plain.step == 4 and not all(torch.equal(a[k], c[k]) for k in a)

@@ -57,12 +57,13 @@ def build_episodes(cfg: Config, split: str, data_root: Optional[str] = None) -> 
         ways = tuple(d.train_ways) if d.train_ways is not None else ways
         shots = tuple(d.train_shots) if d.train_shots is not None else shots
     episodes = data.EpisodeSampler(source, ways, shots, d.q_query, seed=seed)
-    augment = d.options.get("train_augment") if d.source == "omniglot" else None
-    if augment and split == d.train_split:
+    if d.source == "omniglot" and split == d.train_split:
         # training images only: validation and test episodes stay the split's own images
         from metaformer.data.augment import AffineAugment, AugmentedEpisodes
 
-        return AugmentedEpisodes(episodes, AffineAugment.from_option(augment), seed)
+        augment = AffineAugment.from_option(d.options.get("train_augment"))
+        if augment is not None:
+            return AugmentedEpisodes(episodes, augment, seed)
     return episodes
 
 
@@ -101,7 +102,7 @@ def _omniglot_source(cfg: Config, split: str, data_root: Optional[str]) -> Any:
 
         AffineAugment.from_option(opts.pop("train_augment", None))
     except ValueError as exc:
-        raise ConfigError(f"data.options.{exc}") from None
+        raise ConfigError(f"data.options.train_augment: {exc}") from None
     if opts:
         raise ConfigError(f"unknown data.options for omniglot: {sorted(opts)}; "
                           "valid: split_scheme, rotations, split_seed, train_mirrors, train_augment")
