@@ -51,7 +51,7 @@ from metaformer.models.hf_encoder import FeatureIdentity
 from metaformer.models.meta_transformer import MetaTransformer, MetaTransformerConfig
 from training.config import Config
 from training.eval_cli import load_model
-from training.evaluation import evaluate
+from training.evaluation import evaluate, mean_ci95
 from training.registry import build_episodes
 
 
@@ -171,10 +171,11 @@ def centroid_probes(train_x: Tensor, train_y: Tensor, test: TensorClassSource, o
                 accs[name].append(hit.sum(-1) / b.query_mask.sum(-1))
         raw = torch.cat(accs["raw"])
         for name, parts in accs.items():
-            acc, diff = torch.cat(parts), torch.cat(parts) - raw
-            row = {"mean": round(100 * float(acc.mean()), 2), "ci95": round(196 * float(acc.std()) / len(acc) ** 0.5, 2),
-                   "paired": round(100 * float(diff.mean()), 3),
-                   "paired_ci95": round(196 * float(diff.std()) / len(diff) ** 0.5, 3)}
+            acc = torch.cat(parts)
+            mean, ci, _ = mean_ci95(acc.tolist())
+            paired, paired_ci, _ = mean_ci95((acc - raw).tolist())
+            row = {"mean": round(100 * mean, 2), "ci95": round(100 * ci, 2), "paired": round(100 * paired, 3),
+                   "paired_ci95": round(100 * paired_ci, 3)}
             res.setdefault(f"{n}w{k}s", {})[name] = row
             print(f"{n}w{k}s {name:10s} {row['mean']:.2f} ± {row['ci95']:.2f}  paired {row['paired']:+.3f} ± "
                   f"{row['paired_ci95']:.3f}", flush=True)

@@ -57,12 +57,15 @@ def build_episodes(cfg: Config, split: str, data_root: Optional[str] = None) -> 
         ways = tuple(d.train_ways) if d.train_ways is not None else ways
         shots = tuple(d.train_shots) if d.train_shots is not None else shots
     episodes = data.EpisodeSampler(source, ways, shots, d.q_query, seed=seed)
-    if d.source == "omniglot" and split == d.train_split:
-        # training images only: validation and test episodes stay the split's own images
+    if d.source == "omniglot":
         from metaformer.data.augment import AffineAugment, AugmentedEpisodes
 
-        augment = AffineAugment.from_option(d.options.get("train_augment"))
-        if augment is not None:
+        try:  # checked for every split, so that a bad option fails whichever split is built first
+            augment = AffineAugment.from_option(d.options.get("train_augment"))
+        except ValueError as exc:
+            raise ConfigError(f"data.options.train_augment: {exc}") from None
+        if augment is not None and split == d.train_split:
+            # training images only: validation and test episodes stay the split's own images
             return AugmentedEpisodes(episodes, augment, seed)
     return episodes
 
@@ -97,12 +100,7 @@ def _omniglot_source(cfg: Config, split: str, data_root: Optional[str]) -> Any:
     rotations = bool(opts.pop("rotations", True))
     split_seed = int(opts.pop("split_seed", 0))
     train_mirrors = bool(opts.pop("train_mirrors", False))
-    try:  # applied by build_episodes; checked here with the other options
-        from metaformer.data.augment import AffineAugment
-
-        AffineAugment.from_option(opts.pop("train_augment", None))
-    except ValueError as exc:
-        raise ConfigError(f"data.options.train_augment: {exc}") from None
+    opts.pop("train_augment", None)  # parsed and applied by build_episodes
     if opts:
         raise ConfigError(f"unknown data.options for omniglot: {sorted(opts)}; "
                           "valid: split_scheme, rotations, split_seed, train_mirrors, train_augment")
