@@ -70,6 +70,8 @@ def test_recipe_chains_stages_pairs_evaluations_and_keeps_finished_work(tmp_path
             per[name] = res.per_episode
             row = next(r for r in st["results"] if r["name"] == name)
             assert math.isclose(row["mean"], mean_ci95(res.per_episode)[0], abs_tol=1e-12)
+            # the report keeps the per-episode scores, so later runs can be paired with it without the work folder
+            assert row["per_episode"] == pytest.approx(res.per_episode, abs=1e-6) and len(row["per_episode"]) == 10
         diffs = [b - a for a, b in zip(per["proto"], per["mt"])]
         (d,) = st["paired_vs_first"]
         assert math.isclose(d["mean"], mean_ci95(diffs)[0], abs_tol=1e-12)

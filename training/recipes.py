@@ -45,7 +45,7 @@ import yaml
 
 from training.atomic import atomic_write_text
 from training.config import ConfigError, config_differences, load_config
-from training.evaluation import combine_reports, paired_vs_first, read_report, write_report
+from training.evaluation import EvalResult, combine_reports, paired_vs_first, read_report, write_report
 
 ROOT = Path(__file__).resolve().parent.parent
 SETTING_RE = re.compile(r"^(\d+)w(\d+)s$")
@@ -341,6 +341,16 @@ def training_seconds(run: Path) -> Optional[float]:
     return total + last
 
 
+def _result_dict(result: EvalResult) -> dict:
+    """A result for the report's JSON with its per-episode scores (6 decimals).
+
+    The scores let a later run be paired with this one on the same episodes after the work folder is gone (run
+    folders do not outlive the machine that trained them; the report is committed)."""
+    d = result.to_dict(with_episodes=True)
+    d["per_episode"] = [round(v, 6) for v in d["per_episode"]]
+    return d
+
+
 def run_recipe(recipe: Recipe, work: Path, *, data_root: Optional[str] = None, threads: Optional[int] = 1, jobs: int = 1,
                log: Callable[[str], None] = print) -> dict:
     """Train every stage (resuming or skipping finished ones), evaluate, pair; returns the report's data."""
@@ -384,7 +394,7 @@ def run_recipe(recipe: Recipe, work: Path, *, data_root: Optional[str] = None, t
             r.name = name  # the stage names, not the configs' names (two stages may share a config)
         write_report(results, work / "eval" / setting_key(setting), header=header)
         settings_out.append({"setting": setting_key(setting), "header": header,
-                             "results": [r.to_dict() for r in results], "paired_vs_first": paired_vs_first(results),
+                             "results": [_result_dict(r) for r in results], "paired_vs_first": paired_vs_first(results),
                              "eval_commands": [shown(eval_command(recipe, recipe.stage(n), setting, work, data_root))
                                                for n in names]})
     return {"recipe": recipe.name, "title": recipe.title, "description": recipe.description, "path": recipe.path,
