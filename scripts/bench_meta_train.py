@@ -169,7 +169,9 @@ def run_our_cell(a: argparse.Namespace) -> dict:
     t = xs.shape[0]
     batch = episode_batch(a.config, xs, ys, xq, yq)
     res = dict(config=a.config, impl=a.impl, steps=a.steps, order=a.order, meta_batch=t,
-               threads=torch.get_num_threads(), info={"ops_backend": backend(), "path": head.resolve_path(xs)})
+               threads=torch.get_num_threads(), info={"ops_backend": backend(), "path": head.resolve_path(xs),
+                                                       "torch_isa": torch.backends.cpu.get_cpu_capability(),
+                                                       "kernels": cpu_kernels()})
     opt = torch.optim.Adam(head.parameters(), lr=1e-3)
     opt.zero_grad(set_to_none=True)
     t0 = time.perf_counter()
@@ -206,10 +208,16 @@ def grad_diff(ref: dict, other: dict) -> float:
     return math.sqrt(num) / max(math.sqrt(den), 1e-30)
 
 
-def run_child(cmd: list[str]) -> dict:
-    """Run one cell's child process and parse its RESULT line."""
+# Environment that makes torch's own kernels (ATen dispatch, oneDNN convolutions) and metaformer's block kernels all
+# stop at AVX2 + FMA: an AVX-512 machine then stands in for an AVX2-only CPU for every library alike, instead of
+# forcing only our kernels down while the peers' convolutions keep AVX-512.
+ISA_ENV = {"native": {}, "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "METAFORMER_SIMD": "avx2"}}
+
+
+def run_child(cmd: list[str], isa: str = "native") -> dict:
+    """Run one cell's child process (with the ISA's environment) and parse its RESULT line."""
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True)
+    p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **ISA_ENV[isa]})
     lines = [line for line in p.stdout.splitlines() if line.startswith("RESULT ")]
     if p.returncode != 0 or not lines:
         tail = (p.stderr or p.stdout).strip().splitlines()[-1:] or [f"rc={p.returncode}"]
@@ -241,7 +249,8 @@ def main_parent(a: argparse.Namespace) -> None:
                         gout = os.path.join(tmp, f"ref64_{config}_{steps}_{order}.pt")
                         r = run_child([a.peers_python, str(a.peers_script), "--child", "--dtype", "float64", "--config", config,
                                        "--impl", "plain", "--steps", str(steps), "--order", order, "--shared", shared,
-                                       "--grad-out", gout, "--threads", str(a.threads), "--warmup", "0", "--timed", "0"])
+                                       "--grad-out", gout, "--threads", str(a.threads), "--warmup", "0", "--timed", "0"],
+                                      a.isa)
                         if os.path.exists(gout):
                             ref64 = torch.load(gout, weights_only=True)
                     for impl in impls:
@@ -251,9 +260,9 @@ def main_parent(a: argparse.Namespace) -> None:
                                   "--warmup", str(a.warmup),
                                   "--timed", str(a.timed if config == "omniglot" else a.sine_timed)]
                         if impl in OUR_IMPLS:
-                            r = run_child([sys.executable, os.path.abspath(__file__), "--child"] + common)
+                            r = run_child([sys.executable, os.path.abspath(__file__), "--child"] + common, a.isa)
                         else:
-                            r = run_child([a.peers_python, str(a.peers_script), "--child"] + common)
+                            r = run_child([a.peers_python, str(a.peers_script), "--child"] + common, a.isa)
                         r.update(config=config, impl=impl, steps=steps, order=order)
                         if r.get("status") == "ok" and os.path.exists(gout):
                             grads[impl] = torch.load(gout, weights_only=True)
@@ -286,6 +295,17 @@ def cpu_kernels() -> str:
         return "none"
 
 
+def child_kernels(results: list[dict]) -> str:
+    """The block kernels our children reported (the parent's own when none ran)."""
+    seen = sorted({r["info"]["kernels"] for r in results if r.get("info", {}).get("kernels")})
+    return "/".join(seen) or cpu_kernels()
+
+
+def child_isa(results: list[dict]) -> str:
+    """torch's CPU capability as our children reported it."""
+    return "/".join(sorted({r["info"]["torch_isa"] for r in results if r.get("info", {}).get("torch_isa")})) or "?"
+
+
 def allocator_env() -> str:
     """The glibc malloc tuning every process of the run inherits (the same for us and the peers)."""
     keys = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
@@ -310,8 +330,11 @@ def format_table(results: list[dict], load_end: tuple, load_start: tuple, total:
     """Markdown table of all cells with speed-up against the fastest peer."""
     lines = [
         f"Command: `.venv/bin/python scripts/bench_meta_train.py {' '.join(sys.argv[1:])}`  ",
-        f"torch {torch.__version__}, CPU, {a.threads} threads, metaformer block kernels: {cpu_kernels()}, "
-        f"glibc allocator env: {allocator_env()}, git {git_commit()}, warm-up 1+{a.warmup}, {a.timed} (omniglot) / "
+        f"torch {torch.__version__}, CPU, {a.threads} threads, metaformer block kernels: {child_kernels(results)}, "
+        + (f"every child (ours and the peers') runs with {' '.join(f'{k}={v}' for k, v in ISA_ENV[a.isa].items())} "
+           f"(torch dispatch in our children: {child_isa(results)}), "
+           if a.isa != "native" else "")
+        + f"glibc allocator env: {allocator_env()}, git {git_commit()}, warm-up 1+{a.warmup}, {a.timed} (omniglot) / "
         f"{a.sine_timed} (sinusoid) timed meta-steps (median). "
         f"Load average at start {tuple(round(x, 1) for x in load_start)}, end {tuple(round(x, 1) for x in load_end)}: "
         f"shared machine, use ratios. Total {total:.0f} s.",
@@ -347,6 +370,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--peers-python", default="/tmp/peers/venv/bin/python")
     ap.add_argument("--peers-script", default=str(PEERS_SCRIPT))
+    ap.add_argument("--isa", choices=sorted(ISA_ENV), default="native",
+                    help="avx2: every child (ours and the peers') runs torch, oneDNN and our kernels at AVX2 + FMA, "
+                         "standing in for an AVX2-only CPU")
     ap.add_argument("--md-out", default="")
     ap.add_argument("--json-out", default="")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
