@@ -208,10 +208,11 @@ def grad_diff(ref: dict, other: dict) -> float:
     return math.sqrt(num) / max(math.sqrt(den), 1e-30)
 
 
-# Environment that makes torch's own kernels (ATen dispatch, oneDNN convolutions) and metaformer's block kernels all
+# Environment that makes torch's own kernels (ATen dispatch, oneDNN convolutions, MKL matmuls) and our block kernels all
 # stop at AVX2 + FMA: an AVX-512 machine then stands in for an AVX2-only CPU for every library alike, instead of
 # forcing only our kernels down while the peers' convolutions keep AVX-512.
-ISA_ENV = {"native": {}, "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "METAFORMER_SIMD": "avx2"}}
+ISA_ENV = {"native": {}, "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+                               "METAFORMER_SIMD": "avx2"}}
 
 
 def run_child(cmd: list[str], isa: str = "native") -> dict:
