@@ -1,4 +1,4 @@
-"""The `metaformer` command: train, eval, compare, demo and predict subcommands."""
+"""The `metaformer` command: train, eval, export, compare, demo and predict subcommands."""
 
 from __future__ import annotations
 
@@ -30,6 +30,11 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="cpu")
     e.add_argument("--data-root", default=None)
     e.add_argument("--no-progress", action="store_true")
+
+    x = sub.add_parser("export", help="a weights-only copy of a checkpoint (weights, config, manifest) to share")
+    x.add_argument("--checkpoint", required=True, help="a run folder (its latest or best checkpoint) or a step folder")
+    x.add_argument("--which", choices=("latest", "best"), default="latest", help="checkpoint of a run folder to use")
+    x.add_argument("--out", required=True, help="new folder for the export (refused when it exists and is not empty)")
 
     c = sub.add_parser("compare", help="one table, with paired differences, from eval.json files of the same episodes")
     c.add_argument("reports", nargs="+", help="eval.json files (or their folders) written by `metaformer eval`; the "
@@ -84,6 +89,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             args.set = args.set or []
             return run_eval(args)
+        if args.command == "export":
+            from training.checkpoint import export_checkpoint
+
+            out = export_checkpoint(args.checkpoint, args.out, which=args.which)
+            size = sum(p.stat().st_size for p in out.iterdir())
+            print(f"exported {args.checkpoint} -> {out} ({size / 2**20:.1f} MiB, weights only: evaluate it or "
+                  "warm-start from it with train.init_from)")
+            return 0
         if args.command == "compare":
             from training.eval_cli import run_compare
 

@@ -115,3 +115,46 @@ def test_refuses_to_write_nonfinite_weights(tmp_path: Path) -> None:
         save_checkpoint(tmp_path, step=1, model_state=state, trainer_state={}, config=cfg, model_name="meta_transformer",
                         model_class="MetaTransformer")
     assert list_checkpoints(tmp_path) == []
+
+
+def test_export_is_weights_only_and_evaluates_like_its_source(tiny_run: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    """`metaformer export` keeps weights, config and a verified manifest, drops the trainer state, and evaluates and
+    warm-starts exactly like the run it came from; it refuses damaged sources and non-empty destinations."""
+    from training.evaluation import read_report
+
+    out = tmp_path / "export"
+    assert main(["export", "--checkpoint", str(tiny_run), "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "meta.json", "model.safetensors"]
+    src, exp = read_checkpoint(tiny_run, with_trainer_state=False), read_checkpoint(out, with_trainer_state=False)
+    assert exp.step == src.step == 8 and exp.model_name == src.model_name and exp.config == src.config
+    assert src.model_state.keys() == exp.model_state.keys()
+    assert all(torch.equal(src.model_state[k], exp.model_state[k]) for k in src.model_state)
+    with pytest.raises(CheckpointError, match="weights-only export"):
+        read_checkpoint(out)  # a resume needs the trainer state; the error says what the export is good for
+
+    scores = []
+    for name, ckpt in (("src", tiny_run), ("exp", out)):
+        assert main(["eval", "--checkpoint", str(ckpt), "--episodes", "6", "--no-progress",
+                     "--out", str(tmp_path / name)]) == 0
+        _, (res,) = read_report(tmp_path / name)
+        scores.append(res.per_episode)
+    assert len(scores[0]) == 6 and scores[0] == scores[1]
+
+    from training.warm_start import warm_start
+
+    fresh = build_model(load_config(TINY, []))
+    report = warm_start(fresh, out)  # what train.init_from does with the export
+    assert not report.not_in_source and not report.partial and not report.unused
+    assert all(torch.equal(v, src.model_state[k]) for k, v in fresh.state_dict().items())
+
+    capsys.readouterr()
+    assert main(["export", "--checkpoint", str(tiny_run), "--out", str(out)]) == 2
+    assert "not empty" in capsys.readouterr().err
+    import shutil
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny_run / "step-00000008", damaged)
+    (damaged / "model.safetensors").write_bytes((damaged / "model.safetensors").read_bytes()[:1000])
+    assert main(["export", "--checkpoint", str(damaged), "--out", str(tmp_path / "never")]) == 2
+    assert "truncated" in capsys.readouterr().err and not (tmp_path / "never").exists()

@@ -128,6 +128,31 @@ def save_checkpoint(
     return final
 
 
+def export_checkpoint(src: Union[str, Path], dest: Union[str, Path], *, which: str = "latest") -> Path:
+    """Write a verified weights-only copy of a checkpoint (weights, config, manifest; no trainer state) to `dest`."""
+    ckpt = read_checkpoint(src, with_trainer_state=False, which=which)
+    dest = Path(dest)
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise CheckpointError(f"{dest} exists and is not empty; pass a new folder (an export never overwrites)")
+    meta = json.loads((ckpt.path / META_FILE).read_text())
+
+    def fill(tmp: Path) -> None:
+        """Copy the verified weights and config, then write the manifest without the trainer state."""
+        for name in (WEIGHTS_FILE, CONFIG_FILE):
+            (tmp / name).write_bytes((ckpt.path / name).read_bytes())
+        files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
+        if files[WEIGHTS_FILE] != meta["files"][WEIGHTS_FILE]:  # the bytes changed between verification and copy
+            raise CheckpointError(f"{ckpt.path / WEIGHTS_FILE} changed while it was exported; export it again")
+        out = {**meta, "files": files, "weights_only": True, "exported_from": str(ckpt.path.resolve()),
+               "exported": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        (tmp / META_FILE).write_text(json.dumps(out, indent=2))
+
+    if dest.exists():
+        dest.rmdir()  # empty: atomic_write_dir renames the finished folder into place
+    atomic_write_dir(dest, fill)
+    return dest
+
+
 def list_checkpoints(run_dir: Union[str, Path]) -> list[Path]:
     """Published step folders of a run, oldest first."""
     run_dir = Path(run_dir)
@@ -250,6 +275,10 @@ def read_checkpoint(path: Union[str, Path], *, with_trainer_state: bool = True, 
         raise CheckpointError(f"the config stored in {path / CONFIG_FILE} is not usable: {exc}") from None
     trainer_state = None
     if with_trainer_state:
+        if meta.get("weights_only"):
+            raise CheckpointError(f"{path} is a weights-only export (`metaformer export`, no optimizer or sampler "
+                                  "state): evaluate it, or warm-start a new run from it with train.init_from; only a "
+                                  "run's own checkpoints resume")
         try:
             trainer_state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch.load raises several types for damaged files
