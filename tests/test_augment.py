@@ -80,7 +80,7 @@ def test_a_batch_equals_its_episodes_warped_one_by_one(shots: int | tuple[int, i
     assert not torch.allclose(other.support_x, batch.support_x)
     # the same images in two episodes get different warps
     imgs = _images(5)
-    assert not torch.allclose(aug._warp(7, imgs, imgs[:0])[0], aug._warp(8, imgs, imgs[:0])[0])
+    assert not torch.allclose(aug._map(7, imgs, imgs[:0])[0], aug._map(8, imgs, imgs[:0])[0])
 
 
 def test_bad_options_name_the_problem() -> None:

@@ -146,3 +146,115 @@ def test_a_cached_run_resumes_exactly(tmp_path: Path, monkeypatch: pytest.Monkey
     b = read_checkpoint(tmp_path / "split", with_trainer_state=False).model_state
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+# ---------------------------------------------------------------- warped copies (train.feature_cache_views)
+
+def _augmented(source: TensorClassSource, aug: "AffineAugment", shots: int | tuple[int, int] = 2) -> "AugmentedEpisodes":
+    from metaformer.data.augment import AugmentedEpisodes
+
+    return AugmentedEpisodes(EpisodeSampler(source, 3, shots, 2, seed=5), aug, seed=5)
+
+
+def test_warped_copies_without_a_warp_are_the_plain_cache() -> None:
+    from metaformer.data.augment import AffineAugment
+    from training.feature_cache import ViewSampledEpisodes, cached_episodes
+
+    model, source = frozen_model(), glyph_source()
+    plain = cached_episodes(model, EpisodeSampler(source, 3, (1, 2), 2, seed=5))
+    # zero ranges: every copy is the image itself, so every episode must equal the plain cache's
+    still = cached_episodes(model, _augmented(source, AffineAugment(0.0, 0.0, 0.0), (1, 2)), views=3)
+    assert isinstance(still, ViewSampledEpisodes) and still.source.items.shape == (48, 3, model.backbone.out_dim)
+    for v in range(3):
+        torch.testing.assert_close(still.source.items[:, v], plain.source.items, atol=1e-5, rtol=1e-5)
+    a, b = still.batch(2, 5), plain.batch(2, 5)
+    for name in ("support_y", "query_y", "support_mask", "query_mask"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    torch.testing.assert_close(a.support_x, b.support_x, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a.query_x, b.query_x, atol=1e-5, rtol=1e-5)
+
+
+def test_warped_copies_are_the_backbone_on_warped_images_and_episodes_draw_among_them() -> None:
+    from metaformer.data._rng import episode_generator
+    from metaformer.data.augment import AffineAugment, random_affine
+    from training.feature_cache import _VIEW_WARP_STREAM, cached_episodes
+
+    model, source = frozen_model(), glyph_source()
+    episodes = cached_episodes(model, _augmented(source, AffineAugment(), (1, 2)), views=4)
+    items = episodes.source.items  # [48, 4, d]
+    # copy v of class c is the backbone's features of class c's images under warp generator (seed, c, stream + v)
+    with torch.no_grad():
+        imgs = source.get_items(torch.tensor([2]), torch.arange(6)[None])[0]
+        ref = model.backbone(random_affine(imgs, AffineAugment(), episode_generator(5, 2, _VIEW_WARP_STREAM + 3)))
+    torch.testing.assert_close(items[12:18, 3], ref, atol=1e-5, rtol=1e-5)
+    assert float((items[:, 0] - items[:, 1]).abs().max()) > 1e-3  # the copies differ
+    # a batch equals its episodes one by one, each item one of its own copies, padding zero
+    batch = episodes.batch(3, 6)
+    from metaformer.data.episodes import EpisodeBatch
+
+    one_by_one = EpisodeBatch.collate([episodes[i] for i in range(3, 9)])
+    for name in ("support_x", "query_x", "support_y", "support_mask", "query_mask"):
+        torch.testing.assert_close(getattr(batch, name), getattr(one_by_one, name), atol=0, rtol=0)
+    assert float(batch.support_x[~batch.support_mask].abs().sum()) == 0.0
+    flat = items.reshape(-1, items.shape[-1])
+    picked = torch.cat([batch.support_x[batch.support_mask], batch.query_x[batch.query_mask]])
+    equal = (picked[:, None, :] == flat[None, :, :]).all(dim=-1)  # [picked, items * copies]
+    assert bool((equal.sum(dim=1) == 1).all())  # every item is exactly one cached copy
+    match = equal.float().argmax(dim=1)
+    assert len(set((match % 4).tolist())) == 4  # and the episodes use all four copies
+    plain = EpisodeSampler(episodes.source, 3, (1, 2), 2, seed=5).batch(3, 6)
+    assert torch.equal(batch.support_y, plain.support_y)  # the same classes and items as the plain sampler
+    plain_rows = (plain.support_x[plain.support_mask][:, None, 0] == items[None, :, 0]).all(dim=-1).float().argmax(dim=1)
+    assert torch.equal(match[: int(batch.support_mask.sum())] // 4, plain_rows)
+
+
+def _augmented_trainer_episodes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the trainer draw warped training episodes (and plain evaluation ones) from a small glyph source."""
+    from metaformer.data.augment import AffineAugment
+
+    source = glyph_source()
+
+    def fake_build_episodes(cfg, split, data_root=None):  # noqa: ANN001, ANN202
+        if split == cfg.data.train_split:
+            return _augmented(source, AffineAugment(), cfg.data.k_shot)
+        return EpisodeSampler(source, cfg.data.n_way, cfg.data.k_shot, cfg.data.q_query, seed=11)
+
+    monkeypatch.setattr(trainer_mod, "build_episodes", fake_build_episodes)
+
+
+def test_a_run_on_warped_copies_trains_the_learner_and_resumes_exactly(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from training.feature_cache import ViewSampledEpisodes
+
+    _augmented_trainer_episodes(monkeypatch)
+    common = ["train.ckpt_every=2", "optim.warmup_steps=0", "optim.schedule=constant", *FROZEN]
+    # warped images and no copies: the trainer trains on images (null) or says how to cache them (true)
+    assert Trainer(load_config(TINY, [f"out_dir={tmp_path / 'img'}", *common])).step_model.backbone.__class__.__name__ == "Conv4"
+    with pytest.raises(ConfigError, match="augmented.*train.feature_cache_views=V"):
+        Trainer(load_config(TINY, [f"out_dir={tmp_path / 'x'}", "train.feature_cache=true", *common]))
+    with pytest.raises(ConfigError, match="feature_cache=false contradicts train.feature_cache_views=2"):
+        Trainer(load_config(TINY, [f"out_dir={tmp_path / 'y'}", "train.feature_cache=false",
+                                   "train.feature_cache_views=2", *common]))
+    with pytest.raises(ConfigError, match="feature_cache_views must be >= 0"):
+        load_config(TINY, ["train.feature_cache_views=-1"])
+    views = [*common, "train.feature_cache_views=3"]
+    straight = Trainer(load_config(TINY, [f"out_dir={tmp_path / 'straight'}", "train.steps=4", *views]))
+    assert isinstance(straight.train_episodes, ViewSampledEpisodes) and straight.step_model is not straight.model
+    backbone0 = {k: v.clone() for k, v in straight.model.backbone.state_dict().items()}
+    assert straight.run().step == 4
+    assert all(torch.equal(v, backbone0[k]) for k, v in straight.model.backbone.state_dict().items())
+    Trainer(load_config(TINY, [f"out_dir={tmp_path / 'split'}", "train.steps=2", *views])).run()
+    resumed = Trainer(load_config(TINY, [f"out_dir={tmp_path / 'split'}", "train.steps=4", *views]), resume=True)
+    assert resumed.step == 2
+    resumed.run()
+    a = read_checkpoint(tmp_path / "straight", with_trainer_state=False).model_state
+    b = read_checkpoint(tmp_path / "split", with_trainer_state=False).model_state
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # the copies reach training: one copy per image (views=1) trains other weights than three
+    Trainer(load_config(TINY, [f"out_dir={tmp_path / 'one'}", "train.steps=4", *common, "train.feature_cache_views=1"])).run()
+    c = read_checkpoint(tmp_path / "one", with_trainer_state=False).model_state
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+    # copies of unwarped images would all be equal: refused
+    small_source_episodes(monkeypatch)
+    with pytest.raises(ConfigError, match="feature_cache_views=3, but .*not warped"):
+        Trainer(load_config(TINY, [f"out_dir={tmp_path / 'z'}", *views]))

@@ -96,6 +96,9 @@ class TrainConfig:
     # Train on features embedded once when the backbone is frozen (training.feature_cache): null = whenever
     # possible, true = required (an error says why not), false = never.
     feature_cache: Optional[bool] = None
+    # With warped training images (data.options.train_augment) and a frozen backbone: embed this many warped copies
+    # of every training image once and train on them (0: such runs train on images, fresh warps every step).
+    feature_cache_views: int = 0
 
 
 @dataclass
@@ -408,6 +411,8 @@ def validate(cfg: Config) -> None:
     _check(t.val_every >= 0, f"train.val_every must be >= 0 (0 = never), got {t.val_every}")
     _check(t.val_episodes >= 1, f"train.val_episodes must be >= 1, got {t.val_episodes}")
     _check(t.max_skips >= 1, f"train.max_skips must be >= 1, got {t.max_skips}")
+    _check(t.feature_cache_views >= 0, f"train.feature_cache_views must be >= 0 (0: no cached warped copies), "
+                                       f"got {t.feature_cache_views}")
     _check(t.num_threads is None or t.num_threads >= 1, f"train.num_threads must be >= 1 or null, got {t.num_threads}")
     _check(t.max_minutes is None or t.max_minutes > 0, f"train.max_minutes must be > 0 or null, got {t.max_minutes}")
     _check(o.name in OPTIMIZERS, f"optim.name must be one of {', '.join(OPTIMIZERS)}, got {o.name!r}")

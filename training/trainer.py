@@ -196,16 +196,23 @@ class Trainer:
         """With a frozen backbone, embed the training split once and train on its features (train.feature_cache)."""
         from training.feature_cache import cache_blocker, cached_episodes
 
-        wanted = self.cfg.train.feature_cache
+        wanted, views = self.cfg.train.feature_cache, self.cfg.train.feature_cache_views
         if wanted is False:
+            if views:
+                raise ConfigError(f"train.feature_cache=false contradicts train.feature_cache_views={views}; "
+                                  "set one of them to its default (null / 0)")
             return
-        blocker = cache_blocker(self.model, self.train_episodes, self.info.world_size)
+        blocker = cache_blocker(self.model, self.train_episodes, self.info.world_size, views=views)
         if blocker is not None:
             if wanted:
                 raise ConfigError(f"train.feature_cache=true, but the training split cannot be cached: {blocker}; "
                                   "set train.feature_cache=null (cache when possible) or false")
+            if views:  # asked for warped copies: not silently ignored
+                raise ConfigError(f"train.feature_cache_views={views}, but the training split cannot be cached: "
+                                  f"{blocker}")
             return
-        self.train_episodes = cached_episodes(self.model, self.train_episodes, progress=self.info.is_main)
+        self.train_episodes = cached_episodes(self.model, self.train_episodes, progress=self.info.is_main, views=views,
+                                              bar=self.info.is_main and self.cfg.train.progress)
         self.step_model = self.model.feature_view()
         self.wrapped = LossModule(self.step_model)
 

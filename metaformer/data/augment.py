@@ -19,7 +19,7 @@ from torch import Tensor
 from metaformer.data._rng import episode_generator
 from metaformer.data.episodes import Episode, EpisodeBatch
 
-__all__ = ["AffineAugment", "AugmentedEpisodes", "random_affine"]
+__all__ = ["AffineAugment", "AugmentedEpisodes", "MappedEpisodes", "random_affine"]
 
 # A stream of the episode generator that the sampler's own draws never use.
 _AUGMENT_STREAM = 0xA06
@@ -70,7 +70,46 @@ def random_affine(images: Tensor, aug: AffineAugment, gen: torch.Generator) -> T
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-class AugmentedEpisodes:
+class MappedEpisodes:
+    """Episodes of a wrapped sampler whose support and query items pass through a map that depends on the episode
+    index alone, so a batch equals its episodes built one by one (subclasses define ``_map``)."""
+
+    def __init__(self, episodes: Any) -> None:
+        """Wrap ``episodes`` (an EpisodeSampler or another MappedEpisodes)."""
+        self.episodes = episodes
+
+    def __getattr__(self, name: str) -> Any:
+        """The wrapped sampler's attributes (source, n_range, k_range, q_query, seed, num_episodes)."""
+        if name == "episodes":  # not set yet (e.g. during unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.episodes, name)
+
+    def _map(self, index: int, support: Tensor, query: Tensor) -> tuple[Tensor, Tensor]:
+        """Episode ``index``'s support and query items, mapped."""
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> Episode:
+        """Episode ``index`` of the wrapped sampler with its items mapped."""
+        ep = self.episodes[index]
+        sx, qx = self._map(int(index), ep.support_x, ep.query_x)
+        return dataclasses.replace(ep, support_x=sx, query_x=qx)
+
+    def batch(self, start: int, num_tasks: int) -> EpisodeBatch:
+        """Episodes start .. start+num_tasks-1 as one batch, each mapped as in ``__getitem__``."""
+        b = self.episodes.batch(start, num_tasks)
+        sx = qx = None
+        for t in range(num_tasks):
+            # padded rows (mixed N or K) sit after the real ones and stay zero
+            ns, nq = int(b.support_mask[t].sum()), int(b.query_mask[t].sum())
+            s, q = self._map(start + t, b.support_x[t, :ns], b.query_x[t, :nq])
+            if sx is None:  # the map may change an item's shape (a cached copy out of several)
+                sx = s.new_zeros((num_tasks, b.support_x.shape[1], *s.shape[1:]))
+                qx = q.new_zeros((num_tasks, b.query_x.shape[1], *q.shape[1:]))
+            sx[t, :ns], qx[t, :nq] = s, q
+        return b if sx is None else dataclasses.replace(b, support_x=sx, query_x=qx)
+
+
+class AugmentedEpisodes(MappedEpisodes):
     """Image episodes whose every item is randomly warped, the warps a pure function of (seed, episode index)."""
 
     augmented = True
@@ -79,32 +118,11 @@ class AugmentedEpisodes:
         """Wrap ``episodes`` (an image EpisodeSampler); ``seed`` keys the warps."""
         if getattr(getattr(episodes, "source", None), "modality", "image") != "image":
             raise ValueError("train_augment warps images; these episodes are not images")
-        self.episodes, self.aug, self.aug_seed = episodes, aug, int(seed)
+        super().__init__(episodes)
+        self.aug, self.aug_seed = aug, int(seed)
 
-    def __getattr__(self, name: str) -> Any:
-        """The wrapped sampler's attributes (source, n_range, k_range, q_query, seed, num_episodes)."""
-        if name == "episodes":  # not set yet (e.g. during unpickling): no recursion
-            raise AttributeError(name)
-        return getattr(self.episodes, name)
-
-    def _warp(self, index: int, support: Tensor, query: Tensor) -> tuple[Tensor, Tensor]:
+    def _map(self, index: int, support: Tensor, query: Tensor) -> tuple[Tensor, Tensor]:
         """Episode ``index``'s support and query images, each warped; one generator, support first."""
         gen = episode_generator(self.aug_seed, index, _AUGMENT_STREAM)
         both = random_affine(torch.cat([support, query]), self.aug, gen)
         return both[: support.shape[0]], both[support.shape[0]:]
-
-    def __getitem__(self, index: int) -> Episode:
-        """Episode ``index`` of the wrapped sampler with its images warped."""
-        ep = self.episodes[index]
-        sx, qx = self._warp(int(index), ep.support_x, ep.query_x)
-        return dataclasses.replace(ep, support_x=sx, query_x=qx)
-
-    def batch(self, start: int, num_tasks: int) -> EpisodeBatch:
-        """Episodes start .. start+num_tasks-1 as one batch, each warped as in ``__getitem__``."""
-        b = self.episodes.batch(start, num_tasks)
-        sx, qx = b.support_x.clone(), b.query_x.clone()
-        for t in range(num_tasks):
-            # padded rows (mixed N or K) sit after the real ones and stay zero
-            ns, nq = int(b.support_mask[t].sum()), int(b.query_mask[t].sum())
-            sx[t, :ns], qx[t, :nq] = self._warp(start + t, b.support_x[t, :ns], b.query_x[t, :nq])
-        return dataclasses.replace(b, support_x=sx, query_x=qx)
