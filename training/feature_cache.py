@@ -90,7 +90,7 @@ def cached_episodes(model: nn.Module, episodes: Any, batch_size: int = 512, prog
 @torch.no_grad()
 def warped_feature_source(encoder: nn.Module, source: Any, aug: Any, seed: int, views: int, batch_size: int = 512,
                           progress: bool = False) -> Any:
-    """Features [items, views, d] of ``views`` warped copies of every image of ``source`` (a TensorClassSource)."""
+    """A TensorClassSource whose items are the features [views, d] of ``views`` warped copies of each image of ``source``."""
     from metaformer.data.augment import random_affine
     from metaformer.data.source import TensorClassSource
     from metaformer.inference import embed_items
