@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -382,10 +382,13 @@ class FewShotPredictor:
 
 @torch.no_grad()
 def feature_source(encoder: nn.Module, source: Any, max_per_class: Optional[int] = None, seed: int = 0,
-                   batch_size: int = 64) -> Any:
+                   batch_size: int = 64, copies: Optional[Callable[[int, Tensor], Tensor]] = None,
+                   progress: bool = False) -> Any:
     """Embed every item of a class source once -> TensorClassSource of features (the frozen-encoder cache).
 
-    ``max_per_class`` keeps a seeded random subset of each class's items (all items when None).
+    ``max_per_class`` keeps a seeded random subset of each class's items (all items when None). ``copies(c, items)``,
+    when given, maps class ``c``'s n items to V copies of them stacked copy-major ([V * n, ...]); each cached item is
+    then the features [V, d] of its V copies. ``progress`` shows a bar over the classes.
     """
     from metaformer.data.sampler import draw_distinct
     from metaformer.data.source import TensorClassSource
@@ -394,8 +397,13 @@ def feature_source(encoder: nn.Module, source: Any, max_per_class: Optional[int]
     encoder.eval()
     gen = torch.Generator().manual_seed(seed)
     feats, labels = [], []
+    classes = range(source.num_classes)
+    if progress:
+        from tqdm.auto import tqdm
+
+        classes = tqdm(classes, desc="embedding", unit="class")
     try:
-        for c in range(source.num_classes):
+        for c in classes:
             size = int(source.sizes_of(torch.tensor([c]))[0])
             if max_per_class is None and size > 1_000_000:
                 raise ValueError(f"{getattr(source, 'name', type(source).__name__)} has {size} items per class; "
@@ -407,10 +415,16 @@ def feature_source(encoder: nn.Module, source: Any, max_per_class: Optional[int]
                 idx = torch.arange(size)
             items = source.get_items(torch.tensor([c]), idx[None])
             items = items[0] if isinstance(items, list) else items[0]
-            feats.append(embed_items(encoder, items, batch_size).float().cpu())
+            if copies is None:
+                feats.append(embed_items(encoder, items, batch_size).float().cpu())
+            else:
+                f = embed_items(encoder, copies(c, items), batch_size).float().cpu()
+                feats.append(f.reshape(-1, len(idx), *f.shape[1:]).transpose(0, 1))  # [n, V, d]
             labels.append(torch.full((len(idx),), c, dtype=torch.int64))
     finally:
         encoder.train(was_training)
+        if progress:
+            classes.close()
     return TensorClassSource(torch.cat(feats), torch.cat(labels), [source.class_name(c) for c in range(source.num_classes)],
                              name=f"features of {getattr(source, 'name', type(source).__name__)}")
 

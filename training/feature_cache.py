@@ -87,42 +87,21 @@ def cached_episodes(model: nn.Module, episodes: Any, batch_size: int = 512, prog
     return ViewSampledEpisodes(sampler, views, episodes.seed) if augmented else sampler
 
 
-@torch.no_grad()
 def warped_feature_source(encoder: nn.Module, source: Any, aug: Any, seed: int, views: int, batch_size: int = 512,
                           progress: bool = False) -> Any:
     """A TensorClassSource whose items are the features [views, d] of ``views`` warped copies of each image of ``source``."""
     from metaformer.data.augment import random_affine
-    from metaformer.data.source import TensorClassSource
-    from metaformer.inference import embed_items
+    from metaformer.inference import feature_source
 
     if views < 1:
         raise ValueError(f"views must be >= 1, got {views}")
-    was_training = encoder.training
-    encoder.eval()
-    feats, labels = [], []
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
 
-        bar = tqdm(total=source.num_classes, desc=f"embedding {views} warped copies", unit="class")
-    try:
-        for c in range(source.num_classes):
-            size = int(source.sizes_of(torch.tensor([c]))[0])
-            items = source.get_items(torch.tensor([c]), torch.arange(size)[None])[0]
-            # copy v of class c: its own generator, so the cache does not depend on the batch size or class order
-            copies = torch.cat([random_affine(items, aug, episode_generator(seed, c, _VIEW_WARP_STREAM + v))
-                                for v in range(views)])
-            f = embed_items(encoder, copies, batch_size).float().cpu()
-            feats.append(f.reshape(views, size, *f.shape[1:]).transpose(0, 1))
-            labels.append(torch.full((size,), c, dtype=torch.int64))
-            if bar is not None:
-                bar.update(1)
-    finally:
-        encoder.train(was_training)
-        if bar is not None:
-            bar.close()
-    return TensorClassSource(torch.cat(feats), torch.cat(labels), [source.class_name(c) for c in range(source.num_classes)],
-                             name=f"{views} warped copies' features of {getattr(source, 'name', type(source).__name__)}")
+    def warped_copies(c: int, items: Tensor) -> Tensor:
+        # copy v of class c: its own generator, so the cache does not depend on the batch size or class order
+        return torch.cat([random_affine(items, aug, episode_generator(seed, c, _VIEW_WARP_STREAM + v))
+                          for v in range(views)])
+
+    return feature_source(encoder, source, batch_size=batch_size, copies=warped_copies, progress=progress)
 
 
 class ViewSampledEpisodes(MappedEpisodes):
