@@ -67,6 +67,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from training.checkpoint import CheckpointError
     from training.config import ConfigError
     from training.cpu_allocator import tune_cpu_allocator
+    from training.interrupts import TrainingInterrupted
     from training.trainer import NonFiniteLossError
 
     tune_cpu_allocator()  # batched CPU steps re-fault their activations otherwise (see the module)
@@ -118,6 +119,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             except (InputError, ValueError, OSError) as exc:
                 print(f"metaformer predict: error: {exc}", file=sys.stderr)
                 return 2
+    except TrainingInterrupted as exc:
+        res = exc.result
+        if res.rank == 0:
+            where = f"checkpoint {res.checkpoint}" if res.checkpoint else "no checkpoint written"
+            hint = "; continue exactly from there with the same command plus --resume" if args.command == "train" else ""
+            print(f"metaformer {args.command}: training stopped by {exc.signal_name} at step {res.step} ({where}){hint}",
+                  file=sys.stderr, flush=True)
+        return exc.exit_status
     except NonFiniteLossError as exc:
         print(f"metaformer {args.command}: training stopped: {exc}", file=sys.stderr)
         return 3

@@ -176,3 +176,43 @@ def test_shipped_recipes_load() -> None:
     for p in paths:
         r = load_recipe(p)
         assert r.stages and r.settings
+
+
+def test_ctrl_c_lets_the_stage_checkpoint_and_a_rerun_continues(tmp_path: Path) -> None:
+    """Ctrl-C reaches the recipe runner and its training child: the runner waits while the child finishes its
+    step and checkpoint (instead of killing it) and says how to continue; the stage is left resumable there."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    recipe = _recipe_file(tmp_path)
+    data = yaml.safe_load(recipe.read_text())
+    data["stages"][0]["set"] = [x for x in data["stages"][0]["set"] if not x.startswith("train.steps")] + [
+        "train.steps=100000", "train.ckpt_every=1000"]
+    data["stages"] = data["stages"][:1]
+    data["evaluate"] = {"stages": ["proto"], "settings": ["5w1s"], "episodes": 4, "q_query": 3}
+    recipe.write_text(yaml.safe_dump(data))
+    work = tmp_path / "work"
+    cmd = [sys.executable, str(REPO / "scripts" / "benchmark.py"), "--recipe", str(recipe), "--work", str(work),
+           "--out", str(tmp_path / "out"), "--threads", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            start_new_session=True)
+    try:
+        log = work / "runs" / "proto" / "log.csv"
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and not (log.exists() and len(log.read_text().splitlines()) > 3):
+            assert proc.poll() is None, f"the recipe exited early: {proc.stderr.read()[-3000:]}"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode != 0
+    assert "stopped by SIGINT" in err and "rerun the same recipe command" in err, err[-3000:]
+    state, step = stage_state(load_recipe(recipe), load_recipe(recipe).stages[0], work)
+    assert state == "partial" and step is not None and step >= 3
+    assert (work / "runs" / "proto" / f"step-{step:08d}").is_dir()  # the stop's own checkpoint (ckpt_every=1000)

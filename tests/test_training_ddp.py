@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -64,3 +66,58 @@ def test_ddp_two_ranks_equal_single_process(tmp_path: Path) -> None:
     init = build_model(load_config(TINY, _overrides(single_dir, "maml"))).state_dict()
     moved = max(float((a[k] - init[k]).abs().max()) for k in a if k in init and a[k].is_floating_point())
     assert moved > 1e-3
+
+
+def _rank_pids(parent: int) -> dict[int, int]:
+    """{rank: pid} of the worker processes torchrun started (read from their environments)."""
+    out: dict[int, int] = {}
+    for child in Path(f"/proc/{parent}/task/{parent}/children").read_text().split():
+        try:
+            env = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        for item in env:
+            if item.startswith(b"RANK="):
+                out[int(item[5:])] = int(child)
+    return out
+
+
+def test_ddp_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path: Path) -> None:
+    """SIGTERM that reaches rank 1 alone: both ranks stop after the same step (otherwise rank 0 would wait in the
+    next all-reduce forever), rank 0 writes the checkpoint of that step, and --resume under torchrun finishes."""
+    run = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    overrides = [*_overrides(run, "maml"), "train.steps=100000", "train.log_every=1"]
+
+    def cmd(*extra: str) -> list[str]:
+        return [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+                "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "metaformer.cli", "train",
+                "--config", str(TINY), *extra, "--set", *overrides]
+
+    proc = subprocess.Popen(cmd(), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            start_new_session=True)  # its own process group: a failure below kills the ranks too
+    try:
+        deadline = time.monotonic() + 120
+        log = run / "log.csv"
+        while time.monotonic() < deadline and not (log.exists() and len(log.read_text().splitlines()) > 3):
+            assert proc.poll() is None, f"training exited early: {proc.stderr.read()[-3000:]}"
+            time.sleep(0.05)
+        ranks = _rank_pids(proc.pid)
+        assert sorted(ranks) == [0, 1], ranks
+        os.kill(ranks[1], signal.SIGTERM)
+        out, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode != 0  # torchrun reports the ranks' exit status 143
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["interrupted"] == "SIGTERM" and summary["world_size"] == 2, summary
+    assert summary["ddp_max_param_divergence"] == 0.0  # both ranks stopped after the same step
+    step = summary["step"]
+    assert (run / f"step-{step:08d}").is_dir() and f"stopped by SIGTERM at step {step}" in err, err[-3000:]
+
+    overrides[-2] = f"train.steps={step + 2}"
+    resumed = subprocess.run(cmd("--resume"), env=env, capture_output=True, text=True, cwd=REPO, timeout=150)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((run / "summary.json").read_text())["step"] == step + 2

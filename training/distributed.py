@@ -53,11 +53,16 @@ def all_gather_objects(obj: Any, info: DistInfo) -> list[Any]:
 
 def any_rank(flag: bool, info: DistInfo, device: torch.device) -> bool:
     """True when `flag` is True on at least one rank, so every rank takes the same branch."""
+    return max_over_ranks(int(flag), info, device) > 0
+
+
+def max_over_ranks(value: int, info: DistInfo, device: torch.device) -> int:
+    """The largest of every rank's small non-negative integer `value` (all ranks get the same answer)."""
     if not info.enabled:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
+        return value
+    t = torch.tensor([float(value)], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+    return int(t.item())
 
 
 def max_param_divergence(model: torch.nn.Module, info: DistInfo) -> float:

@@ -34,6 +34,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -293,7 +294,18 @@ def _eval_current(path: Path, recipe: Recipe, setting: tuple[int, int], step: Op
 def _run(cmd: list[str], log: Callable[[str], None], cwd: Path) -> None:
     """Run `python -m metaformer CMD` as a child (inheriting stdout/stderr: the trainer's progress shows)."""
     t0 = time.time()
-    proc = subprocess.run([sys.executable, "-m", "metaformer", *cmd], cwd=cwd)
+    proc = subprocess.Popen([sys.executable, "-m", "metaformer", *cmd], cwd=cwd)
+    while True:
+        try:
+            proc.wait()
+            break
+        except KeyboardInterrupt:
+            # The child got the same Ctrl-C (one process group) and is writing its checkpoint; subprocess.run would
+            # kill it after 0.25 s instead. A second Ctrl-C aborts the child, and then this wait returns.
+            continue
+    if proc.returncode in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+        raise RuntimeError(f"`{shown(cmd)}` was stopped by {signal.Signals(proc.returncode - 128).name} after writing a "
+                           "checkpoint; rerun the same recipe command to continue exactly from it")
     if proc.returncode != 0:
         raise RuntimeError(f"`{shown(cmd)}` failed with exit status {proc.returncode} (its output is above); fix the "
                            "cause and rerun the recipe: finished stages and evaluations are kept")

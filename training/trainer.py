@@ -18,7 +18,9 @@ from torch import Tensor, nn
 from training import checkpoint as ckpt_io
 from training.atomic import atomic_write_text
 from training.config import Config, ConfigError, config_differences, dump_config
-from training.distributed import DistInfo, all_gather_objects, any_rank, cleanup, init_from_env, max_param_divergence
+from training.distributed import (DistInfo, all_gather_objects, any_rank, cleanup, init_from_env, max_over_ranks,
+                                  max_param_divergence)
+from training.interrupts import StopRequest, TrainingInterrupted, ignore_interrupts_in_worker
 from training.logs import RunLogger
 from training.optim import build_optimizer, build_scheduler
 from training.registry import build_episodes, build_model
@@ -26,6 +28,9 @@ from training.seeding import rng_state, seed_everything, set_rng_state
 from training.warm_start import warm_start
 
 SUMMARY_FILE = "summary.json"
+# Why a run stops early, as a number every rank can reduce with MAX: 1 = train.max_minutes is up, 2-3 = a signal.
+_HALT_CODES = {"SIGINT": 2, "SIGTERM": 3}
+_HALT_NAMES = {code: name for name, code in _HALT_CODES.items()}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -58,6 +63,7 @@ class TrainResult:
     ddp_max_param_divergence: float = 0.0
     skipped_steps: int = 0
     rank: int = 0
+    interrupted: Optional[str] = None  # "SIGINT" / "SIGTERM" when a signal stopped the run before train.steps
 
 
 def resolve_device(name: str, info: DistInfo) -> torch.device:
@@ -285,11 +291,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def run(self) -> TrainResult:
-        """Train from the current step to cfg.train.steps; returns the final step, metrics and timings."""
+        """Train from the current step to cfg.train.steps; returns the final step, metrics and timings.
+
+        On SIGINT / SIGTERM it finishes the step, writes a checkpoint and raises TrainingInterrupted.
+        """
         finished = False
         try:
             result = self._run()
             finished = True
+            if result.interrupted:
+                raise TrainingInterrupted(result.interrupted, result)
             return result
         finally:
             if self.info.enabled:
@@ -314,7 +325,8 @@ class Trainer:
         # A private generator: DataLoader otherwise draws its base seed from the global RNG when iteration
         # starts, which would shift the model's random stream between a fresh and a resumed run.
         loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.data.num_workers,
-                                             generator=torch.Generator().manual_seed(cfg.seed))
+                                             generator=torch.Generator().manual_seed(cfg.seed),
+                                             worker_init_fn=ignore_interrupts_in_worker if cfg.data.num_workers else None)
         bar = None
         if main and t.progress:
             from tqdm import tqdm
@@ -327,6 +339,8 @@ class Trainer:
         steps_done, last_ckpt, consecutive_skips = 0, None, 0
         metrics: dict[str, float] = {}
         window: dict[str, list[float]] = {}
+        interrupted: Optional[str] = None
+        stop = StopRequest(announce=main).install()
         try:
             for batch in loader:
                 batch = batch.to(self.device, non_blocking=True)
@@ -349,9 +363,14 @@ class Trainer:
                 if bar is not None:
                     bar.update(1)
                 last = self.step >= t.steps
-                out_of_time = t.max_minutes is not None and any_rank(
-                    time.perf_counter() - t_start > 60.0 * t.max_minutes, self.info, self.device)
-                if self.step % t.log_every == 0 or last or out_of_time:
+                # Every rank stops at the same step: the largest reason over the ranks (a signal may reach one rank).
+                reason = max_over_ranks(_HALT_CODES[stop.signal_name] if stop.requested else
+                                        int(t.max_minutes is not None and time.perf_counter() - t_start > 60.0 * t.max_minutes),
+                                        self.info, self.device)
+                halt = reason > 0
+                if reason > 1 and not last:
+                    interrupted = _HALT_NAMES[reason]
+                if self.step % t.log_every == 0 or last or halt:
                     now = time.perf_counter()
                     eps = steps_window * t.meta_batch / max(now - t_window, 1e-9)
                     row = {k: sum(v) / len(v) for k, v in window.items()}
@@ -370,16 +389,17 @@ class Trainer:
                     val = self.validate()
                     if logger is not None:
                         logger.log(self.step, val | {"episodes": self.step * t.meta_batch})
-                if (t.ckpt_every and self.step % t.ckpt_every == 0) or last or out_of_time or do_val:
+                if (t.ckpt_every and self.step % t.ckpt_every == 0) or last or halt or do_val:
                     last_ckpt = self.save({**metrics, **val}) or last_ckpt
                     if main and val:
                         key = next(iter(val))
                         higher = key.endswith("accuracy")
                         if ckpt_io.update_best(self.run_dir, self.step, key, val[key], higher):
                             self.best_value = val[key]
-                if last or out_of_time:
+                if last or halt:
                     break
         finally:
+            stop.uninstall()
             if bar is not None:
                 bar.close()
             if logger is not None:
@@ -389,13 +409,14 @@ class Trainer:
             run_dir=self.run_dir, step=self.step, metrics=metrics, seconds=seconds,
             episodes_per_s=steps_done * t.meta_batch / max(seconds, 1e-9), checkpoint=last_ckpt,
             ddp_max_param_divergence=max_param_divergence(self.model, self.info), skipped_steps=self.skipped,
-            rank=self.info.rank,
+            rank=self.info.rank, interrupted=interrupted,
         )
         if main:
             summary = {
                 "step": result.step, "seconds": seconds, "episodes_per_s": result.episodes_per_s,
                 "world_size": self.info.world_size, "ddp_max_param_divergence": result.ddp_max_param_divergence,
                 "skipped_steps": self.skipped, "checkpoint": str(last_ckpt) if last_ckpt else None,
+                "interrupted": interrupted,
                 "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)},
             }
             atomic_write_text(self.run_dir / SUMMARY_FILE, json.dumps(summary, indent=2))

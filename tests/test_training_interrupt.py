@@ -1,0 +1,128 @@
+"""Ctrl-C / SIGTERM during training: the trainer finishes the step, writes a checkpoint at that step and stops;
+--resume from it ends with exactly the weights of an uninterrupted run; a second signal aborts at once."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from training.checkpoint import list_checkpoints, read_checkpoint
+from training.config import load_config
+from training.interrupts import TrainingInterrupted
+from training.trainer import Trainer, train
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "training" / "configs" / "tiny.yaml"
+STEPS = 20
+# A checkpoint every 6 steps, so a stop at step 7 or 9 can only be served by the stop's own checkpoint.
+OVERRIDES = [f"train.steps={STEPS}", "train.ckpt_every=6", "train.keep_last=5", "train.log_every=2"]
+
+
+def _weights(run: Path, step: int) -> dict[str, torch.Tensor]:
+    return load_file(str(run / f"step-{step:08d}" / "model.safetensors"))
+
+
+def _assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after the interrupted run was resumed"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("reference")
+    torch.set_num_threads(1)
+    train(load_config(TINY, [f"out_dir={out}", *OVERRIDES]))
+    return out
+
+
+def _signal_at(monkeypatch: pytest.MonkeyPatch, step: int, times: int) -> None:
+    """Make the trainer send itself SIGINT `times` times during the step that ends at `step`."""
+    original = Trainer._train_step
+
+    def step_then_signal(self: Trainer, batch: object) -> object:
+        out = original(self, batch)
+        if self.step + 1 == step:
+            for _ in range(times):
+                os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(Trainer, "_train_step", step_then_signal)
+
+
+def test_sigint_checkpoints_the_current_step_and_resume_is_exact(tmp_path: Path, reference: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    run = tmp_path / "run"
+    cfg = load_config(TINY, [f"out_dir={run}", *OVERRIDES])
+    _signal_at(monkeypatch, 7, times=1)
+    with pytest.raises(TrainingInterrupted) as info:
+        train(cfg)
+    assert info.value.signal_name == "SIGINT" and info.value.exit_status == 130
+    assert info.value.result.step == 7
+    assert [p.name for p in list_checkpoints(run)] == ["step-00000006", "step-00000007"]
+    assert read_checkpoint(run).step == 7  # complete and verified
+    assert json.loads((run / "summary.json").read_text())["interrupted"] == "SIGINT"
+    # the handlers are given back: a Ctrl-C outside training is a plain KeyboardInterrupt again
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+    monkeypatch.undo()
+    done = train(load_config(TINY, [f"out_dir={run}", *OVERRIDES]), resume=True)
+    assert done.step == STEPS and done.interrupted is None
+    _assert_same_weights(_weights(run, STEPS), _weights(reference, STEPS))
+    steps = [int(r.split(",")[0]) for r in (run / "log.csv").read_text().splitlines()[1:]]
+    assert steps == sorted(set(steps)) and steps[-1] == STEPS
+
+
+def test_second_sigint_aborts_without_a_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run = tmp_path / "run"
+    _signal_at(monkeypatch, 9, times=2)
+    with pytest.raises(KeyboardInterrupt) as info:
+        train(load_config(TINY, [f"out_dir={run}", *OVERRIDES]))
+    assert type(info.value) is KeyboardInterrupt, "the second signal must not wait for a checkpoint"
+    assert [p.name for p in list_checkpoints(run)] == ["step-00000006"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_cli_stops_cleanly_on_a_signal_to_its_process_group(tmp_path: Path, sig: int) -> None:
+    """As a terminal's Ctrl-C does, the signal reaches the trainer and its DataLoader worker: the worker must
+    not die of it under the batch being fetched, and the command says how to resume and exits with 128 + signal."""
+    run = tmp_path / "run"
+    # a constant rate, so the weights at step s do not depend on train.steps and a short reference run has them
+    common = [*OVERRIDES, "train.ckpt_every=1000", "optim.schedule=constant"]
+    cmd = [sys.executable, "-m", "metaformer.cli", "train", "--config", str(TINY), "--set", f"out_dir={run}",
+           *common, "train.steps=100000", "data.num_workers=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        log = run / "log.csv"
+        while time.monotonic() < deadline and not (log.exists() and len(log.read_text().splitlines()) > 3):
+            assert proc.poll() is None, f"training exited early: {proc.stderr.read()}"
+            time.sleep(0.05)
+        os.killpg(proc.pid, sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    name = signal.Signals(sig).name
+    assert proc.returncode == 128 + sig, err
+    step = read_checkpoint(run).step
+    assert step >= 6 and f"stopped by {name} at step {step}" in err and "--resume" in err, err
+    assert [p.name for p in list_checkpoints(run)] == [f"step-{step:08d}"]  # ckpt_every=1000: the stop's own
+    assert "Traceback" not in err, err
+    # the checkpoint holds the state after exactly `step` steps: a run of `step` steps without a worker ends there
+    torch.set_num_threads(1)
+    train(load_config(TINY, [f"out_dir={tmp_path / 'short'}", *common, f"train.steps={step}"]))
+    _assert_same_weights(_weights(run, step), _weights(tmp_path / "short", step))
