@@ -121,11 +121,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 return 2
     except TrainingInterrupted as exc:
         res = exc.result
-        if res.rank == 0:
-            where = f"checkpoint {res.checkpoint}" if res.checkpoint else "no checkpoint written"
-            hint = "; continue exactly from there with the same command plus --resume" if args.command == "train" else ""
-            print(f"metaformer {args.command}: training stopped by {exc.signal_name} at step {res.step} ({where}){hint}",
-                  file=sys.stderr, flush=True)
+        if res.rank != 0:
+            # Rank 0 reports the stop. A non-zero status here would make torchrun SIGTERM rank 0 at once, before
+            # it has printed (every rank has passed the final barrier, so the checkpoint is already written).
+            return 0
+        where = f"checkpoint {res.checkpoint}" if res.checkpoint else "no checkpoint written"
+        hint = "; continue exactly from there with the same command plus --resume" if args.command == "train" else ""
+        print(f"metaformer {args.command}: training stopped by {exc.signal_name} at step {res.step} ({where}){hint}",
+              file=sys.stderr, flush=True)
         return exc.exit_status
     except NonFiniteLossError as exc:
         print(f"metaformer {args.command}: training stopped: {exc}", file=sys.stderr)

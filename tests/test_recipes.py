@@ -184,7 +184,8 @@ def test_ctrl_c_lets_the_stage_checkpoint_and_a_rerun_continues(tmp_path: Path) 
     import os
     import signal
     import subprocess
-    import time
+
+    from training_processes import wait_for_log_rows
 
     recipe = _recipe_file(tmp_path)
     data = yaml.safe_load(recipe.read_text())
@@ -200,11 +201,7 @@ def test_ctrl_c_lets_the_stage_checkpoint_and_a_rerun_continues(tmp_path: Path) 
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
                             start_new_session=True)
     try:
-        log = work / "runs" / "proto" / "log.csv"
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline and not (log.exists() and len(log.read_text().splitlines()) > 3):
-            assert proc.poll() is None, f"the recipe exited early: {proc.stderr.read()[-3000:]}"
-            time.sleep(0.05)
+        wait_for_log_rows(proc, work / "runs" / "proto" / "log.csv", rows=3, timeout=90)
         os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
         _, err = proc.communicate(timeout=60)
     finally:

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ from training.checkpoint import list_checkpoints, read_checkpoint
 from training.config import load_config
 from training.interrupts import TrainingInterrupted
 from training.trainer import Trainer, train
+from training_processes import wait_for_log_rows
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "training" / "configs" / "tiny.yaml"
@@ -105,11 +105,7 @@ def test_cli_stops_cleanly_on_a_signal_to_its_process_group(tmp_path: Path, sig:
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
                             start_new_session=True)
     try:
-        deadline = time.monotonic() + 90
-        log = run / "log.csv"
-        while time.monotonic() < deadline and not (log.exists() and len(log.read_text().splitlines()) > 3):
-            assert proc.poll() is None, f"training exited early: {proc.stderr.read()}"
-            time.sleep(0.05)
+        wait_for_log_rows(proc, run / "log.csv", rows=3, timeout=90)
         os.killpg(proc.pid, sig)
         _, err = proc.communicate(timeout=60)
     finally:
