@@ -149,6 +149,35 @@ def test_recipe_errors_name_the_problem(tmp_path: Path, change: dict, message: s
         load_recipe(_recipe_file(tmp_path, **change))
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_recipe_stage_continues_from_a_folder(tmp_path: Path) -> None:
+    """init_from with a `/` names a folder (a shipped model, another run): its weights seed the stage."""
+    base = yaml.safe_load(_recipe_file(tmp_path).read_text())
+    proto, mt = base["stages"]
+    one = tmp_path / "one.yaml"
+    one.write_text(yaml.safe_dump({**base, "stages": [proto], "evaluate": {"settings": ["3w2s"], "episodes": 4}}))
+    run_recipe(load_recipe(one), tmp_path / "w1", threads=1, log=lambda _: None)
+    source = tmp_path / "w1" / "runs" / "proto"
+
+    two = tmp_path / "two.yaml"
+    two.write_text(yaml.safe_dump({**base, "stages": [{**mt, "init_from": str(source)}],
+                                   "evaluate": {"settings": ["3w2s"], "episodes": 4}}))
+    report = run_recipe(load_recipe(two), tmp_path / "w2", threads=1, log=lambda _: None)
+    (stage,) = report["stages"]
+    assert stage["init_from"] == str(source) and f"train.init_from={source}" in stage["command"]
+    assert f"| mt | {source} |" in recipe_markdown(report, {}, "cmd")
+    before = load_file(str(source / "step-00000004" / "model.safetensors"))
+    after = load_file(str(tmp_path / "w2" / "runs" / "mt" / "step-00000003" / "model.safetensors"))
+    shared = [k for k in before if k.startswith("backbone.") and k in after]
+    assert shared and all(torch.equal(before[k], after[k]) for k in shared)
+    # a rerun keeps the stage: the saved init_from is the same folder
+    assert stage_state(load_recipe(two), load_recipe(two).stages[0], tmp_path / "w2") == ("done", 3)
+
+    two.write_text(yaml.safe_dump({**base, "stages": [{**mt, "init_from": str(tmp_path / "no" / "such")}]}))
+    with pytest.raises(RecipeError, match="neither an earlier stage nor a folder"):
+        load_recipe(two)
+
+
 def test_recipe_stage_errors(tmp_path: Path) -> None:
     """A warm start from a later stage, duplicate names, a runner-owned key and a broken config are refused."""
     path = _recipe_file(tmp_path)

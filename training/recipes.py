@@ -24,7 +24,9 @@ A recipe is a YAML file (examples in training/recipes/)::
 whose saved config matches is skipped, an interrupted one continues where it stopped), evaluates every listed
 stage on every setting's episodes with ``metaformer eval`` (kept when already done for the same checkpoint
 step), pairs them on the shared episodes and writes a markdown report and a JSON file. Each stage and
-evaluation runs as a child process, and the report lists their exact commands.
+evaluation runs as a child process, and the report lists their exact commands. A stage's ``init_from`` may
+also be a folder path (with a ``/``, relative to the repository root), e.g. ``pretrained/omniglot_meta_transformer``:
+a shipped model or another run's folder that the chain continues from.
 """
 
 from __future__ import annotations
@@ -68,6 +70,14 @@ class Stage:
     overrides: list[str] = field(default_factory=list)
     init_from: Optional[str] = None
     title: Optional[str] = None
+    # a folder (run, step or `metaformer export`) that seeds this stage, instead of an earlier stage (init_from)
+    init_path: Optional[str] = None
+
+    def warm_start_source(self, work: Path) -> Optional[Path]:
+        """The folder whose weights seed this stage: an earlier stage's run folder or `init_path` (None: cold start)."""
+        if self.init_path:
+            return _config_path(self.init_path)
+        return work / "runs" / self.init_from if self.init_from else None
 
 
 @dataclass
@@ -150,12 +160,19 @@ def load_recipe(path: str | Path) -> Recipe:
             raise RecipeError(f"{where}: a stage name becomes a folder name; use letters, digits, '_', '-' or '.'")
         if sname in [s.name for s in stages]:
             raise RecipeError(f"{where}: two stages share this name; give each a unique name")
-        init = raw.get("init_from")
-        if init is not None and str(init) not in [s.name for s in stages]:
-            raise RecipeError(f"{where}: init_from {init!r} is not an earlier stage "
-                              f"(earlier: {', '.join(s.name for s in stages) or 'none'}); list that stage first")
-        stage = Stage(sname, str(raw["config"]), _str_list(f"{where}: set", raw.get("set")),
-                      str(init) if init is not None else None, raw.get("title"))
+        init = None if raw.get("init_from") is None else str(raw["init_from"])
+        init_path = None
+        if init is not None and init not in [s.name for s in stages]:
+            if "/" not in init:
+                raise RecipeError(f"{where}: init_from {init!r} is not an earlier stage "
+                                  f"(earlier: {', '.join(s.name for s in stages) or 'none'}); list that stage first, "
+                                  "or give a folder path such as pretrained/omniglot_meta_transformer")
+            if not _config_path(init).is_dir():
+                raise RecipeError(f"{where}: init_from {init!r} is neither an earlier stage nor a folder (looked for "
+                                  f"{_config_path(init)}); give a run, step or `metaformer export` folder")
+            init, init_path = None, init
+        stage = Stage(sname, str(raw["config"]), _str_list(f"{where}: set", raw.get("set")), init, raw.get("title"),
+                      init_path)
         for key in ("out_dir", "train.init_from"):
             if any(o.split("=", 1)[0].strip() == key for o in stage.overrides):
                 raise RecipeError(f"{where}: `{key}` is set by the recipe runner (the run folder and init_from); "
@@ -221,8 +238,9 @@ def stage_config(stage: Stage) -> "Config":  # noqa: F821 - training.config.Conf
 def stage_overrides(recipe: Recipe, stage: Stage, work: Path, threads: Optional[int]) -> list[str]:
     """The stage's own overrides plus the run folder, the warm start and the thread count the runner fixes."""
     extra = [f"out_dir={work / 'runs' / stage.name}"]
-    if stage.init_from:
-        extra.append(f"train.init_from={work / 'runs' / stage.init_from}")
+    source = stage.warm_start_source(work)
+    if source is not None:
+        extra.append(f"train.init_from={source}")
     if threads:
         extra.append(f"train.num_threads={threads}")
     return list(stage.overrides) + extra
@@ -385,7 +403,7 @@ def run_recipe(recipe: Recipe, work: Path, *, data_root: Optional[str] = None, t
                 raise RuntimeError(f"stage {stage.name!r} stopped at step {step} before its train.steps (a time cap, "
                                    "train.max_minutes?); rerun the recipe to continue it")
         stages_out.append({"name": stage.name, "title": stage.title or stage.name, "config": stage.config,
-                           "init_from": stage.init_from, "step": step, "command": shown(cmd), "trained_now": trained_now,
+                           "init_from": stage.init_from or stage.init_path, "step": step, "command": shown(cmd), "trained_now": trained_now,
                            "train_seconds": training_seconds(work / "runs" / stage.name)})
     todo = []
     for setting in recipe.settings:
