@@ -167,9 +167,10 @@ def load_recipe(path: str | Path) -> Recipe:
                 raise RecipeError(f"{where}: init_from {init!r} is not an earlier stage "
                                   f"(earlier: {', '.join(s.name for s in stages) or 'none'}); list that stage first, "
                                   "or give a folder path such as pretrained/omniglot_meta_transformer")
-            if not _config_path(init).is_dir():
+            folder = _config_path(init)
+            if not folder.is_dir():
                 raise RecipeError(f"{where}: init_from {init!r} is neither an earlier stage nor a folder (looked for "
-                                  f"{_config_path(init)}); give a run, step or `metaformer export` folder")
+                                  f"{folder}); give a run, step or `metaformer export` folder")
             init, init_path = None, init
         stage = Stage(sname, str(raw["config"]), _str_list(f"{where}: set", raw.get("set")), init, raw.get("title"),
                       init_path)
@@ -403,8 +404,8 @@ def run_recipe(recipe: Recipe, work: Path, *, data_root: Optional[str] = None, t
                 raise RuntimeError(f"stage {stage.name!r} stopped at step {step} before its train.steps (a time cap, "
                                    "train.max_minutes?); rerun the recipe to continue it")
         stages_out.append({"name": stage.name, "title": stage.title or stage.name, "config": stage.config,
-                           "init_from": stage.init_from or stage.init_path, "step": step, "command": shown(cmd), "trained_now": trained_now,
-                           "train_seconds": training_seconds(work / "runs" / stage.name)})
+                           "init_from": stage.init_from or stage.init_path, "step": step, "command": shown(cmd),
+                           "trained_now": trained_now, "train_seconds": training_seconds(work / "runs" / stage.name)})
     todo = []
     for setting in recipe.settings:
         for name in recipe.evaluated_on(setting):
