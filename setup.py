@@ -38,7 +38,8 @@ def extensions() -> list:
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     include_dirs = [os.path.join(ROOT, "csrc")]
     if want_cuda():
-        sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+        # selftest.cu is the kernels' standalone test program (its own main), built by scripts/check_cuda_build.sh
+        sources += sorted(f for f in glob.glob(os.path.join("csrc", "cuda", "*.cu")) if not f.endswith("selftest.cu"))
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*_launcher.cpp")))
         nvcc_flags = ["-O3", "--fmad=false"]
         return [

@@ -15,8 +15,15 @@ learn2learn / higher / TorchOpt are not installed in .venv), metaformer in this 
 (2) runs ``--warmup`` more meta-train steps (meta-gradient + Adam), (3) times ``--timed`` steps; median.
 The meta-gradients are compared with the plain loop in float32 and in float64.
 
+``--device cuda`` runs every cell on the GPU: ours with the head and the batch on the device, the peers through
+scripts/peers_on_device.py, which runs peers_maml.py's own implementations with the network and batch moved there;
+the clock stops after the device has finished each step, and the table adds each cell's peak GPU memory and its
+speed against learn2learn. The float64 reference stays the plain loop on the CPU.
+
 Usage: .venv/bin/python scripts/bench_meta_train.py [--configs omniglot,sinusoid] [--steps-list 1,5]
        [--orders so,fo] [--timed 3] [--threads 2] [--md-out docs/bench_meta_train.md]
+       .venv/bin/python scripts/bench_meta_train.py --device cuda --configs omniglot --peers-python python3 \
+           --peers-script path/to/peers_maml.py --json-out gpu_meta_train.json
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -39,6 +47,7 @@ import torch.nn as nn
 
 ROOT = Path(__file__).resolve().parents[1]
 PEERS_SCRIPT = ROOT.parent / "shared" / "bench" / "peers_maml.py"
+DEVICE_PEERS = Path(__file__).resolve().with_name("peers_on_device.py")
 PEER_IMPLS = ["plain", "l2l", "higher", "torchopt_func", "torchopt_metasgd"]
 OUR_IMPLS = ["metaformer_loop", "metaformer_batched"]
 CONFIGS = {
@@ -157,6 +166,7 @@ def run_our_cell(a: argparse.Namespace) -> dict:
     """Child: meta-gradient, warm-up and timed meta-train steps of a metaformer head."""
     from metaformer.ops import backend
 
+    device = torch.device(a.device)
     torch.set_num_threads(a.threads)
     dtype = getattr(torch, a.dtype)
     shared = torch.load(a.shared, weights_only=True)
@@ -164,22 +174,26 @@ def run_our_cell(a: argparse.Namespace) -> dict:
     peer.load_state_dict(shared["init"])
     path = a.impl.split("_", 1)[1]
     head, names = build_our_head(a.config, peer, a.steps, a.order == "fo", path)
-    head.to(dtype)
-    xs, ys, xq, yq = (b.to(dtype) if b.is_floating_point() else b for b in shared["batch"])
+    head.to(device=device, dtype=dtype)
+    xs, ys, xq, yq = ((b.to(dtype) if b.is_floating_point() else b).to(device) for b in shared["batch"])
     t = xs.shape[0]
-    batch = episode_batch(a.config, xs, ys, xq, yq)
-    res = dict(config=a.config, impl=a.impl, steps=a.steps, order=a.order, meta_batch=t,
+    batch = episode_batch(a.config, xs, ys, xq, yq).to(device)
+    res = dict(config=a.config, impl=a.impl, steps=a.steps, order=a.order, meta_batch=t, device=str(device),
                threads=torch.get_num_threads(), info={"ops_backend": backend(), "path": head.resolve_path(xs),
                                                        "torch_isa": torch.backends.cpu.get_cpu_capability(),
                                                        "kernels": cpu_kernels()})
+    if device.type == "cuda":
+        res["info"]["device_name"] = torch.cuda.get_device_name(device)
+        torch.cuda.reset_peak_memory_stats(device)
     opt = torch.optim.Adam(head.parameters(), lr=1e-3)
     opt.zero_grad(set_to_none=True)
     t0 = time.perf_counter()
     loss, _ = head.meta_backward(batch)
+    synchronize(device)
     res["first_call_s"] = time.perf_counter() - t0
     res["meta_loss"] = float(loss)
     params = dict(head.net.named_parameters())
-    torch.save({names[n]: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
+    torch.save({names[n]: (p.grad.detach().cpu().clone() if p.grad is not None else torch.zeros_like(p, device="cpu"))
                 for n, p in params.items()}, a.grad_out)
 
     def step() -> None:
@@ -188,17 +202,32 @@ def run_our_cell(a: argparse.Namespace) -> dict:
         head.meta_backward(batch)
         opt.step()
 
-    for _ in range(a.warmup):
+    res.update(timed_steps(step, device, a.warmup, a.timed, t), peak_rss_mib=maxrss_mib())
+    return res
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a wall-clock interval covers it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_steps(step: Any, device: torch.device, warmup: int, timed: int, tasks: int) -> dict:
+    """Warm-up then timed calls of ``step`` (the device drained around each); the median and the device's peak memory."""
+    for _ in range(warmup):
         step()
+    synchronize(device)
     times = []
-    for _ in range(a.timed):
+    for _ in range(timed):
         t0 = time.perf_counter()
         step()
+        synchronize(device)
         times.append(time.perf_counter() - t0)
     med = statistics.median(times)
-    res.update(status="ok", times_s=times, median_s=med, steps_per_s=1 / med, tasks_per_s=t / med,
-               peak_rss_mib=maxrss_mib())
-    return res
+    out = dict(status="ok", times_s=times, median_s=med, steps_per_s=1 / med, tasks_per_s=tasks / med)
+    if device.type == "cuda":
+        out["peak_device_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
 
 
 def grad_diff(ref: dict, other: dict) -> float:
@@ -230,7 +259,7 @@ def run_child(cmd: list[str], isa: str = "native") -> dict:
 
 def main_parent(a: argparse.Namespace) -> None:
     """Run every (setup, steps, order, implementation) cell and print the table."""
-    peers_ok = Path(a.peers_python).exists() and Path(a.peers_script).exists()
+    peers_ok = shutil.which(a.peers_python) is not None and Path(a.peers_script).exists()
     if not peers_ok:
         print(f"# peers not found ({a.peers_python}, {a.peers_script}): running metaformer and nothing else", flush=True)
     impls = [i for i in a.impls.split(",") if i and (peers_ok or i in OUR_IMPLS)]
@@ -261,7 +290,11 @@ def main_parent(a: argparse.Namespace) -> None:
                                   "--warmup", str(a.warmup),
                                   "--timed", str(a.timed if config == "omniglot" else a.sine_timed)]
                         if impl in OUR_IMPLS:
-                            r = run_child([sys.executable, os.path.abspath(__file__), "--child"] + common, a.isa)
+                            r = run_child([sys.executable, os.path.abspath(__file__), "--child", "--device", a.device]
+                                          + common, a.isa)
+                        elif a.device != "cpu":
+                            r = run_child([a.peers_python, str(DEVICE_PEERS), "--peers-script", str(a.peers_script),
+                                           "--device", a.device] + common, a.isa)
                         else:
                             r = run_child([a.peers_python, str(a.peers_script), "--child"] + common, a.isa)
                         r.update(config=config, impl=impl, steps=steps, order=order)
@@ -269,6 +302,7 @@ def main_parent(a: argparse.Namespace) -> None:
                             grads[impl] = torch.load(gout, weights_only=True)
                         results.append(r)
                         msg = (f"{r['tasks_per_s']:8.1f} tasks/s  peak RSS {r['peak_rss_mib']:6.0f} MiB"
+                               + (f"  peak GPU {r['peak_device_mib']:7.1f} MiB" if "peak_device_mib" in r else "")
                                if r.get("status") == "ok" else f"{r.get('status')}: {r.get('error')}")
                         print(f"{config:8s} steps={steps} {order} {impl:18s} {msg}", flush=True)
                     for r in results:
@@ -283,7 +317,11 @@ def main_parent(a: argparse.Namespace) -> None:
     if a.md_out:
         Path(a.md_out).write_text(table + "\n")
     if a.json_out:
-        Path(a.json_out).write_text(json.dumps({"results": results, "total_s": total, "args": vars(a)}, indent=1))
+        meta = {"command": "scripts/bench_meta_train.py " + " ".join(sys.argv[1:]), "commit": git_commit(),
+                "date": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "torch": torch.__version__,
+                "python": sys.version.split()[0], "device": a.device, "device_name": device_names(results),
+                "cores": os.cpu_count()}
+        Path(a.json_out).write_text(json.dumps({"results": results, "total_s": total, "args": vars(a), **meta}, indent=1))
 
 
 def cpu_kernels() -> str:
@@ -327,11 +365,18 @@ def git_commit() -> str:
         return "unknown"
 
 
+def device_names(results: list[dict]) -> str:
+    """The accelerator the children ran on, as they named it ("CPU" when none did)."""
+    return "/".join(sorted({r["info"]["device_name"] for r in results if r.get("info", {}).get("device_name")})) or "CPU"
+
+
 def format_table(results: list[dict], load_end: tuple, load_start: tuple, total: float, a: argparse.Namespace) -> str:
-    """Markdown table of all cells with speed-up against the fastest peer."""
+    """Markdown table of all cells with speed-up against the fastest peer (and, on a GPU, against learn2learn)."""
+    gpu = a.device != "cpu"
     lines = [
         f"Command: `.venv/bin/python scripts/bench_meta_train.py {' '.join(sys.argv[1:])}`  ",
-        f"torch {torch.__version__}, CPU, {a.threads} threads, metaformer block kernels: {child_kernels(results)}, "
+        f"torch {torch.__version__}, device {a.device} ({device_names(results)}), {a.threads} CPU threads, "
+        f"metaformer block kernels: {child_kernels(results)}, "
         + (f"every child (ours and the peers') runs with {' '.join(f'{k}={v}' for k, v in ISA_ENV[a.isa].items())} "
            f"(torch dispatch in our children: {child_isa(results)}), "
            if a.isa != "native" else "")
@@ -340,20 +385,27 @@ def format_table(results: list[dict], load_end: tuple, load_start: tuple, total:
         f"Load average at start {tuple(round(x, 1) for x in load_start)}, end {tuple(round(x, 1) for x in load_end)}: "
         f"shared machine, use ratios. Total {total:.0f} s.",
         "",
-        "| setup | steps | order | impl | tasks/s | x fastest peer | peak RSS (MiB) | meta-grad vs plain fp32 | vs plain fp64 |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| setup | steps | order | impl | tasks/s | x fastest peer |" + (" x learn2learn | peak GPU (MiB) |" if gpu else "")
+        + " peak RSS (MiB) | meta-grad vs plain fp32 | vs plain fp64 |",
+        "|---|---|---|---|---|---|" + ("---|---|" if gpu else "") + "---|---|---|",
     ]
     for r in results:
         cell = [x for x in results if (x["config"], x["steps"], x["order"]) == (r["config"], r["steps"], r["order"])]
         peers = [x["tasks_per_s"] for x in cell if x.get("status") == "ok" and x["impl"] not in OUR_IMPLS]
+        l2l = [x["tasks_per_s"] for x in cell if x.get("status") == "ok" and x["impl"] == "l2l"]
         head = f"| {r['config']} | {r['steps']} | {r['order'].upper()} | {r['impl']} |"
         if r.get("status") != "ok":
-            lines.append(head + f" {r.get('status')} | | | {str(r.get('error', ''))[:90]} | |")
+            lines.append(head + f" {r.get('status')} | |" + (" | |" if gpu else "")
+                         + f" | {str(r.get('error', ''))[:90]} | |")
             continue
         ratio = f"{r['tasks_per_s'] / max(peers):.2f}" if peers else "-"
+        extra = ""
+        if gpu:
+            extra = (f" {r['tasks_per_s'] / l2l[0]:.2f} |" if l2l else " - |") + (
+                f" {r['peak_device_mib']:.1f} |" if "peak_device_mib" in r else " - |")
         g32 = "(ref)" if r["impl"] == "plain" else (f"{r['grad_rel_plain32']:.1e}" if "grad_rel_plain32" in r else "-")
         g64 = f"{r['grad_rel_plain64']:.1e}" if "grad_rel_plain64" in r else "-"
-        lines.append(head + f" {r['tasks_per_s']:.1f} | {ratio} | {r['peak_rss_mib']:.0f} | {g32} | {g64} |")
+        lines.append(head + f" {r['tasks_per_s']:.1f} | {ratio} |{extra} {r['peak_rss_mib']:.0f} | {g32} | {g64} |")
     return "\n".join(lines)
 
 
@@ -368,6 +420,7 @@ def main() -> None:
     ap.add_argument("--timed", type=int, default=3, help="timed steps (omniglot)")
     ap.add_argument("--sine-timed", type=int, default=20, help="timed steps (sinusoid)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: where every cell (ours and the peers') runs")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--peers-python", default="/tmp/peers/venv/bin/python")
     ap.add_argument("--peers-script", default=str(PEERS_SCRIPT))
@@ -382,6 +435,18 @@ def main() -> None:
     ap.add_argument("--steps", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if not a.child:
+        try:
+            dev = torch.device(a.device)
+        except RuntimeError as exc:
+            ap.error(f"--device {a.device}: {exc}")
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            ap.error(f"--device {a.device}: torch {torch.__version__} sees no CUDA device; run on a GPU machine with "
+                     "a CUDA build of torch, or use --device cpu")
+        if dev.type not in ("cpu", "cuda"):
+            ap.error(f"--device {a.device}: only cpu and cuda are supported")
+        if dev.type != "cpu" and a.isa != "native":
+            ap.error("--isa caps the CPU kernels; it goes with --device cpu")
     if a.child:
         try:
             res = run_our_cell(a)

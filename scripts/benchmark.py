@@ -42,6 +42,9 @@ Usage: .venv/bin/python scripts/benchmark.py --suite quick [--out docs] [--metho
        [--settings omniglot-5w1s,glyph-5w1s] [--threads 1] [--jobs 2] [--peers-json results.json]
        [--panels all --peers-python /work/peers/venv/bin/python] [--data-root ../shared/data]
        .venv/bin/python scripts/benchmark.py --recipe training/recipes/omniglot_wide.yaml [--work DIR] [--jobs 2]
+       .venv/bin/python scripts/benchmark.py --from-json docs/results/quick.json --gpu-json gpu_quick.json \
+           [--fused-json gpu_fused_cuda.json] [--gpu-meta-train-json gpu_meta_train.json ...] --out docs
+           (the GPU section from the files of scripts/gpu_session.sh, without rerunning the CPU cells)
 """
 
 from __future__ import annotations
@@ -1008,9 +1011,83 @@ def gpu_section(gpu: dict) -> list[str]:
     else:
         lines += ["The CUDA rows of the fused-op benchmark (`scripts/bench_inner_update.py --device cuda`) were not "
                   "measured with this run.", ""]
+    meta_train = gpu.get("meta_train")
+    if meta_train:
+        lines += gpu_meta_train_lines(meta_train)
+    else:
+        lines += ["The MAML step against the peer libraries (`scripts/bench_meta_train.py --device cuda`) was not "
+                  "measured on the GPU with this run.", ""]
     for key in dict.fromkeys(r["setting"] for r in gpu["results"]):
         lines += [f"### {key} on the GPU", "", setting_table([r for r in gpu["results"] if r["setting"] == key])]
     return lines
+
+
+def gpu_meta_train_lines(data: dict) -> list[str]:
+    """The MAML step on the GPU against the peers: one table and, per setup, our best speed over learn2learn's."""
+    results = data["results"]
+    lines = ["### MAML meta-training step against the peer libraries on the GPU", "",
+             " and ".join(f"`{c}`" for c in data["commands"]) + f" on {data.get('device_name', 'a GPU')}, "
+             f"{data.get('date', 'date not recorded')} (UTC), torch {data.get('torch', '?')}, commit "
+             f"`{data.get('commit', 'not recorded')}`; rows read from "
+             + " and ".join(f"`{x}`" for x in data["sources"]) + ". The peers run "
+             "../shared/bench/peers_maml.py's own implementations on the GPU (scripts/peers_on_device.py); every "
+             "meta-gradient is checked against the plain loop (float32 on the GPU) and against the float64 plain loop "
+             "on the CPU; tasks/s is the median of the timed meta-train steps, the clock stopped after the GPU finished "
+             "each.", "",
+             "| setup | steps | order | impl | tasks/s | x fastest peer | x learn2learn | peak GPU (MiB) | "
+             "meta-grad vs plain fp32 | vs plain fp64 |", "|---|---|---|---|---|---|---|---|---|---|"]
+    ours = ("metaformer_loop", "metaformer_batched")
+    verdicts = []
+    for key in dict.fromkeys((r.get("config"), r.get("steps"), r.get("order")) for r in results):
+        cell = [r for r in results if (r.get("config"), r.get("steps"), r.get("order")) == key]
+        ok = [r for r in cell if r.get("status") == "ok"]
+        peers = [r["tasks_per_s"] for r in ok if r["impl"] not in ours]
+        l2l = [r["tasks_per_s"] for r in ok if r["impl"] == "l2l"]
+        for r in cell:
+            head = f"| {key[0]} | {key[1]} | {str(key[2]).upper()} | {r.get('impl')} |"
+            if r.get("status") != "ok":
+                lines.append(head + f" {r.get('status')} | | | | {str(r.get('error', ''))[:80]} | |")
+                continue
+            g32 = "(ref)" if r["impl"] == "plain" else (f"{r['grad_rel_plain32']:.1e}" if "grad_rel_plain32" in r else "-")
+            g64 = f"{r['grad_rel_plain64']:.1e}" if "grad_rel_plain64" in r else "-"
+            lines.append(head + f" {r['tasks_per_s']:.1f} | "
+                         + (f"{r['tasks_per_s'] / max(peers):.2f}" if peers else "-") + " | "
+                         + (f"{r['tasks_per_s'] / l2l[0]:.2f}" if l2l else "-") + " | "
+                         + (f"{r['peak_device_mib']:.1f}" if "peak_device_mib" in r else "-") + f" | {g32} | {g64} |")
+        best = max((r for r in ok if r["impl"] in ours), key=lambda r: r["tasks_per_s"], default=None)
+        if best is not None and l2l:
+            verdicts.append(f"{key[0]} {key[1]}-step {str(key[2]).upper()}: {best['impl']} "
+                            f"{best['tasks_per_s'] / l2l[0]:.1f}x learn2learn")
+    lines += ["", "Our faster path against learn2learn (issue 5's GPU target: at least 10x on Conv-4): "
+              + ("; ".join(verdicts) if verdicts else "no cell with both") + ".", ""]
+    return lines
+
+
+def load_gpu_meta_train(paths: Sequence[Path]) -> dict:
+    """scripts/bench_meta_train.py --device cuda --json-out files (second and first order, say) as one, for the GPU
+    section; the first file's command, date and machine head it, the others' commands are listed beside it."""
+    parts = [_load_gpu_meta_train_file(Path(p)) for p in paths]
+    merged = dict(parts[0])
+    merged["results"] = [r for part in parts for r in part["results"]]
+    merged["sources"] = [part["source"] for part in parts]
+    merged["commands"] = list(dict.fromkeys(str(part.get("command", "scripts/bench_meta_train.py --device cuda"))
+                                            for part in parts))
+    return merged
+
+
+def _load_gpu_meta_train_file(path: Path) -> dict:
+    """One scripts/bench_meta_train.py --device cuda --json-out file."""
+    try:
+        data = json.loads(Path(path).read_text())
+        device = str(data.get("device") or data["args"]["device"])
+        rows = data["results"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise SystemExit(f"--gpu-meta-train-json {path}: not a scripts/bench_meta_train.py --json-out file ({exc})") from None
+    if not device.startswith("cuda") or not isinstance(rows, list):
+        raise SystemExit(f"--gpu-meta-train-json {path}: that run used device {device!r}, not a GPU (run "
+                         "scripts/bench_meta_train.py --device cuda on a GPU machine)")
+    data["source"] = str(path)
+    return data
 
 
 def fused_table(rows: Sequence[dict]) -> str:
@@ -1241,9 +1318,10 @@ def run_suite(suite: Suite, out: Path, methods: Sequence[str], settings: Sequenc
 
 
 def report_from_json(path: Path, out: Path, panels: Sequence[Panel] = (), data_root: Optional[str] = None,
-                     peers_python: Optional[str] = None, log: Any = print) -> dict[str, Path]:
+                     peers_python: Optional[str] = None, log: Any = print, gpu: Optional[dict] = None) -> dict[str, Path]:
     """Re-render RESULTS.md, the JSON and the plots from a suite JSON written earlier; no cell is rerun. ``panels``
-    run now and replace the stored panels of the same name (the others are kept)."""
+    run now and replace the stored panels of the same name (the others are kept); ``gpu`` replaces the stored GPU
+    section."""
     try:
         data = json.loads(Path(path).read_text())
         name, results, cells = data["suite"], data["results"], data["cells"]
@@ -1262,7 +1340,8 @@ def report_from_json(path: Path, out: Path, panels: Sequence[Panel] = (), data_r
             stored.append(run)
     if panels and (peers is None or str(peers.get("source", "")).startswith("the meta-training panels")):
         peers = peers_from_panels(stored) or peers
-    return write_report(results, [CellSpec(**c) for c in cells], suite, out, meta, peers, data.get("gpu_run"), stored)
+    return write_report(results, [CellSpec(**c) for c in cells], suite, out, meta, peers,
+                        gpu if gpu is not None else data.get("gpu_run"), stored)
 
 
 def recipe_main(a: argparse.Namespace, argv: Optional[Sequence[str]]) -> int:
@@ -1314,6 +1393,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     "GPU section")
     ap.add_argument("--fused-json", default=None, help="with --gpu-json: scripts/bench_inner_update.py --json file "
                     "from the same GPU machine (its CUDA rows go to the GPU section)")
+    ap.add_argument("--gpu-meta-train-json", nargs="+", default=None, help="with --gpu-json: scripts/bench_meta_train.py "
+                    "--device cuda --json-out file(s) from the same GPU machine (the MAML step against the peers there)")
     ap.add_argument("--panels", default="", help="after the cells, also run these benchmark scripts and put their "
                     f"tables in RESULTS.md: all, or a comma-separated subset of {','.join(PANELS)}")
     ap.add_argument("--peers-python", default=None, help="python of the peer libraries' venv for the meta_train "
@@ -1337,8 +1418,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         panels = parse_panels(a.panels) if a.panels else []
     except ValueError as exc:
         ap.error(str(exc))
+    gpu = load_gpu_run(Path(a.gpu_json)) if a.gpu_json else None
+    for opt, value, load, key in (("--fused-json", a.fused_json, load_fused, "fused"),
+                                  ("--gpu-meta-train-json", a.gpu_meta_train_json, load_gpu_meta_train, "meta_train")):
+        if value:
+            if gpu is None:
+                ap.error(f"{opt} goes with --gpu-json (the GPU run it belongs to)")
+            gpu[key] = load(value if isinstance(value, list) else Path(value))
     if a.from_json:
-        paths = report_from_json(Path(a.from_json), Path(a.out), panels, a.data_root, a.peers_python)
+        paths = report_from_json(Path(a.from_json), Path(a.out), panels, a.data_root, a.peers_python, gpu=gpu)
         print(f"[bench] wrote {', '.join(str(p) for p in paths.values())}")
         return 0
     if not a.suite:
@@ -1358,11 +1446,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if a.threads < 1 or (a.jobs is not None and a.jobs < 1):
         ap.error("--threads and --jobs must be >= 1")
     peers = load_peers(Path(a.peers_json)) if a.peers_json else None
-    gpu = load_gpu_run(Path(a.gpu_json)) if a.gpu_json else None
-    if a.fused_json:
-        if gpu is None:
-            ap.error("--fused-json goes with --gpu-json (the GPU run it belongs to)")
-        gpu["fused"] = load_fused(Path(a.fused_json))
     command = "scripts/benchmark.py " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
     run_suite(suite, Path(a.out), methods, settings, a.threads, a.jobs, Path(a.work) if a.work else None, a.device,
               a.minutes, a.episodes, a.set, peers, not a.no_peers, data_root=a.data_root, command=command, gpu=gpu,
