@@ -353,7 +353,10 @@ def allocator_env() -> str:
 
 
 def git_commit() -> str:
-    """Short commit of the working tree (with "+dirty" when it has changes), or "unknown"."""
+    """Short commit of the working tree (with "+dirty" when it has changes), or "unknown"; scripts/benchmark.py passes
+    the commit it read before writing its outputs as $METAFORMER_COMMIT / $METAFORMER_DIRTY."""
+    if os.environ.get("METAFORMER_COMMIT"):
+        return os.environ["METAFORMER_COMMIT"][:7] + ("+dirty" if os.environ.get("METAFORMER_DIRTY") == "1" else "")
     root = Path(__file__).resolve().parents[1]
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,

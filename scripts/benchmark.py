@@ -563,8 +563,9 @@ def parse_panels(value: str) -> list[Panel]:
 
 
 def run_panel(panel: Panel, res_dir: Path, prefix: str, data_root: Optional[str] = None,
-              peers_python: Optional[str] = None, timeout_s: float = 3600.0) -> dict:
+              peers_python: Optional[str] = None, timeout_s: float = 3600.0, git: Optional[dict] = None) -> dict:
     """Run one panel's script as a child process; its command, status, wall time, printed output and JSON rows."""
+    git = git or git_info()
     args = list(panel.args)
     if panel.needs_data and data_root:
         args += ["--data-root", str(data_root)]
@@ -585,11 +586,12 @@ def run_panel(panel: Panel, res_dir: Path, prefix: str, data_root: Optional[str]
     else:
         argv, shown = ["-m", panel.script], ["python", "-m", panel.script]
     out = {"name": panel.name, "title": panel.title, "command": " ".join(shown + shown_args),
-           "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"), **git_info()}
+           "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"), **git}
     t0 = time.perf_counter()
     try:
         p = subprocess.run([sys.executable, *argv, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout_s,
-                           env={**os.environ, **dict(panel.env)})
+                           env={**os.environ, **dict(panel.env), "METAFORMER_COMMIT": str(git["commit"]),
+                                "METAFORMER_DIRTY": "1" if git["dirty"] else "0"})
     except (OSError, subprocess.SubprocessError) as exc:
         return {**out, "status": "failed", "error": f"{type(exc).__name__}: {exc}"[:500],
                 "seconds": time.perf_counter() - t0}
@@ -610,12 +612,15 @@ def run_panel(panel: Panel, res_dir: Path, prefix: str, data_root: Optional[str]
 
 
 def run_panels(panels: Sequence[Panel], res_dir: Path, prefix: str, data_root: Optional[str],
-               peers_python: Optional[str], log: Any = print) -> list[dict]:
-    """Run the panels one at a time (each script times itself on an otherwise idle machine), logging each."""
+               peers_python: Optional[str], log: Any = print, git: Optional[dict] = None) -> list[dict]:
+    """Run the panels one at a time (each script times itself on an otherwise idle machine), logging each. ``git``:
+    the commit and dirty flag read before this run wrote anything (its own outputs are tracked files under docs/,
+    which would otherwise mark every later panel "uncommitted changes")."""
+    git = git or git_info()
     runs = []
     for panel in panels:
         log(f"[bench] panel {panel.name}: {panel.script}")
-        runs.append(run_panel(panel, res_dir, prefix, data_root, peers_python))
+        runs.append(run_panel(panel, res_dir, prefix, data_root, peers_python, git=git))
         r = runs[-1]
         log(f"[bench] panel {panel.name}: {r['status']} in {r.get('seconds', 0.0):.0f} s"
             + (f" ({r['error']})" if r.get("error") else ""))
@@ -1299,7 +1304,8 @@ def run_suite(suite: Suite, out: Path, methods: Sequence[str], settings: Sequenc
     specs = make_specs(suite, methods, settings, work, threads, device, minutes, episodes, extra, data_root)
     log(f"[bench] suite {suite.name}: {len(specs)} cells, {jobs} at a time, {threads} thread(s) each; runs in {work}")
     results = run_cells(specs, jobs, in_process, log)
-    panel_runs = run_panels(panels, out / "results", suite.name, data_root, peers_python, log)
+    panel_runs = run_panels(panels, out / "results", suite.name, data_root, peers_python, log,
+                            git={"commit": machine["commit"], "dirty": machine["dirty"]})
     if peers is None:
         peers = peers_from_panels(panel_runs)
     if run_peers and peers is None:
@@ -1332,7 +1338,7 @@ def report_from_json(path: Path, out: Path, panels: Sequence[Panel] = (), data_r
                                  "total_seconds", "in_process") if k in data}
     stored = list(data.get("panels") or ())
     peers = data.get("peers")
-    for run in run_panels(panels, out / "results", name, data_root, peers_python, log):
+    for run in run_panels(panels, out / "results", name, data_root, peers_python, log, git=git_info()):
         at = [i for i, p in enumerate(stored) if p["name"] == run["name"]]
         if at:
             stored[at[0]] = run

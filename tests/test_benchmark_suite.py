@@ -255,6 +255,22 @@ def test_panels_put_each_scripts_tables_and_failures_in_the_report(tmp_path: Pat
     assert "### The demo, quick" in md3 and "**Failed**" not in md3 and "### Fused update, quick" in md3
 
 
+def test_panels_report_the_commit_read_before_the_run_wrote_anything(tmp_path: Path) -> None:
+    """A suite writes its outputs (tracked files under docs/) before its panels run, so each panel is given the commit
+    and dirty flag read at the start, and the scripts that print their own commit print that one."""
+    b = _bench()
+    panel = b.Panel("meta_train_tiny", "Sinusoid MAML step, ours only", "bench_meta_train.py",
+                    ("--configs", "sinusoid", "--steps-list", "1", "--orders", "so", "--threads", "1", "--warmup", "0",
+                     "--sine-timed", "2", "--impls", "metaformer_batched"), json_option="--json-out")
+    for dirty in (False, True):
+        [run] = b.run_panels([panel], tmp_path, "t", None, None, log=print,
+                             git={"commit": "0123456789abcdef", "dirty": dirty})
+        assert run["status"] == "ok", run.get("error")
+        assert (run["commit"], run["dirty"]) == ("0123456789abcdef", dirty)
+        assert ("git 0123456+dirty," if dirty else "git 0123456,") in run["output"]
+        assert run["rows"]["commit"] == "0123456" + ("+dirty" if dirty else "")
+
+
 def test_panel_names_are_checked() -> None:
     """--panels all is every panel in order; an unknown name is an error that lists the valid ones."""
     b = _bench()
