@@ -5,7 +5,8 @@
 #   bash scripts/gpu_session.sh prepare   # here, once: fills .gpu_carry/ (git-ignored) with what the GPU machine
 #                                         # lacks: the peers' wheels for Python 3.12 (higher, TorchOpt, optree), the
 #                                         # learn2learn 0.2.0 source with its Cython files regenerated, a copy of
-#                                         # ../shared/bench/peers_maml.py and the Omniglot background zip
+#                                         # ../shared/bench/peers_maml.py, the Omniglot background zip and
+#                                         # the commit with its files' blob ids (a copy without .git reports it)
 #   bash scripts/gpu_session.sh checks    # there (device run, carry [".gpu_carry"]): build the extension with CUDA,
 #                                         # tests/gpu, the second-order MAML step on Conv-4 against learn2learn /
 #                                         # higher / TorchOpt / a plain loop on the GPU, the kernels' standalone
@@ -29,7 +30,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 MODE=${1:-}
-CARRY=$ROOT/.gpu_carry
+CARRY=${GPU_CARRY:-$ROOT/.gpu_carry}
 OUT=${OUT:-$ROOT/gpu_out}
 DEVICE=${DEVICE:-cuda}
 PY=${PY:-python3}
@@ -40,11 +41,38 @@ PEERS_PY=${PEERS_PY:-}
 SKIP_BUILD=${SKIP_BUILD:-0}
 SUMMARY=""
 
+record_tree() {  # the commit and its tracked files' blob ids, so that a copy without .git can tell which commit it is
+  mkdir -p "$CARRY"
+  git rev-parse HEAD > "$CARRY/commit" && git ls-tree -r HEAD > "$CARRY/tree.txt"
+}
+
+tree_commit() {  # print "COMMIT DIRTY" for this working tree from $CARRY/tree.txt (no git needed): DIRTY=1 when a
+                 # tracked file's content differs from the commit's blob or is missing
+  "$PY" - "$CARRY" <<'PY'
+import hashlib, pathlib, sys
+carry = pathlib.Path(sys.argv[1])
+commit = (carry / "commit").read_text().strip()
+dirty = 0
+for line in (carry / "tree.txt").read_text().splitlines():
+    meta, path = line.split("\t", 1)
+    mode, kind, blob = meta.split()
+    if kind != "blob" or mode == "120000":  # submodules and links: not compared
+        continue
+    f = pathlib.Path(path)
+    data = f.read_bytes() if f.is_file() else None
+    if data is None or hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest() != blob:
+        dirty = 1
+        print(f"tree_commit: {path} differs from {commit[:7]}", file=sys.stderr)
+print(commit, dirty)
+PY
+}
+
 prepare() {
   # Only here: needs pip's registry and ../shared. Nothing of it is committed (.gpu_carry/ is in .gitignore).
   set -e
   local shared=$ROOT/../shared l2l=$CARRY/l2l_src
   rm -rf "$CARRY" && mkdir -p "$CARRY/whl" "$CARRY/data/omniglot"
+  record_tree
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 -d "$CARRY/whl" higher==0.2.1 torchopt==0.7.3 optree==0.20.0
@@ -88,8 +116,13 @@ step() {  # step NAME CAP_SECONDS CMD...: run CMD under the smaller of CAP and t
 }
 
 environment() {
-  echo "date $(date -u '+%Y-%m-%d %H:%M:%S') UTC; $(nproc) cores; commit $(git rev-parse HEAD 2>/dev/null || echo unknown)" \
-       "$( [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ] && echo '(with uncommitted changes)')"
+  if [ -n "${METAFORMER_COMMIT:-}" ]; then
+    echo "date $(date -u '+%Y-%m-%d %H:%M:%S') UTC; $(nproc) cores; commit $METAFORMER_COMMIT (from .gpu_carry, no git" \
+         "here)$( [ "${METAFORMER_DIRTY:-0}" = 1 ] && echo ' with uncommitted changes')"
+  else
+    echo "date $(date -u '+%Y-%m-%d %H:%M:%S') UTC; $(nproc) cores; commit $(git rev-parse HEAD 2>/dev/null || echo unknown)" \
+         "$( [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ] && echo '(with uncommitted changes)')"
+  fi
   command -v nvidia-smi >/dev/null && nvidia-smi -L
   "$PY" -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available())"
 }
@@ -147,9 +180,17 @@ suite() {
 
 case "$MODE" in
   prepare) prepare; exit $? ;;
+  record-tree) record_tree; exit $? ;;
+  tree-commit) tree_commit; exit $? ;;
   checks|suite) ;;
   *) echo "usage: bash scripts/gpu_session.sh prepare|checks|suite" >&2; exit 2 ;;
 esac
+# The device machine gets a copy of the working tree, perhaps without .git: then the commit recorded by `prepare`,
+# and whether the copy still matches it, tell the reports (benchmark.py and bench_meta_train.py read these).
+if [ -z "${METAFORMER_COMMIT:-}" ] && ! git rev-parse HEAD >/dev/null 2>&1 && [ -f "$CARRY/tree.txt" ]; then
+  read -r METAFORMER_COMMIT METAFORMER_DIRTY < <(tree_commit)
+  export METAFORMER_COMMIT METAFORMER_DIRTY
+fi
 mkdir -p "$OUT"
 export PYTHONPATH=$ROOT:/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 export ROOT CARRY OUT DEVICE PY PEERS_PY SKIP_BUILD

@@ -115,3 +115,36 @@ def test_gpu_session_script_refuses_bad_use_and_keeps_its_deadline(tmp_path: Pat
         assert f"{name}=skipped" in p.stdout.splitlines()[-1]
     assert (tmp_path / "out" / "gpu_checks.log").read_text().count("skipped, deadline reached") == 5
     assert not (tmp_path / "out" / "gpu_meta_train.json").exists()
+
+
+def test_a_copy_without_git_knows_its_commit_from_the_recorded_tree(tmp_path: Path) -> None:
+    """The GPU machine may get the working tree without .git: `record-tree` (run by `prepare`) writes the commit and its
+    blob ids; `tree-commit` there prints the commit and 1 when a tracked file's content differs or is missing."""
+    script = REPO / "scripts" / "gpu_session.sh"
+    carry = tmp_path / "carry"
+    env = {**os.environ, "GPU_CARRY": str(carry), "PY": sys.executable}
+    subprocess.run(["bash", str(script), "record-tree"], check=True, env=env, cwd=REPO)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO, check=True).stdout.strip()
+    assert (carry / "commit").read_text().strip() == head
+    lines = (carry / "tree.txt").read_text().splitlines()
+    assert any(line.endswith("\tscripts/gpu_session.sh") for line in lines) and len(lines) > 100
+    # the copy: pyproject.toml as committed (compared), and the script under test (not compared)
+    (carry / "tree.txt").write_text("".join(line + "\n" for line in lines if line.endswith("\tpyproject.toml")))
+    copy = tmp_path / "copy"
+    (copy / "scripts").mkdir(parents=True)
+    (copy / "scripts" / "gpu_session.sh").write_bytes(script.read_bytes())
+    (copy / "pyproject.toml").write_bytes(
+        subprocess.run(["git", "show", "HEAD:pyproject.toml"], capture_output=True, cwd=REPO, check=True).stdout)
+
+    def tree_commit() -> tuple[str, str]:
+        p = subprocess.run(["bash", str(copy / "scripts" / "gpu_session.sh"), "tree-commit"], capture_output=True,
+                           text=True, env=env, check=True)
+        return p.stdout.strip(), p.stderr
+
+    assert tree_commit() == (f"{head} 0", "")
+    with open(copy / "pyproject.toml", "a") as f:
+        f.write("# changed\n")
+    out, err = tree_commit()
+    assert out == f"{head} 1" and "pyproject.toml differs" in err
+    (copy / "pyproject.toml").unlink()
+    assert tree_commit()[0] == f"{head} 1"
