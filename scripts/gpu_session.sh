@@ -44,6 +44,9 @@ SUMMARY=""
 record_tree() {  # the commit and its tracked files' blob ids, so that a copy without .git can tell which commit it is
   mkdir -p "$CARRY"
   git rev-parse HEAD > "$CARRY/commit" && git ls-tree -r HEAD > "$CARRY/tree.txt"
+  if [ -n "$(git status --porcelain --untracked-files=no)" ]; then
+    echo "record-tree: the working tree has uncommitted changes: the GPU run will report them; commit, then prepare" >&2
+  fi
 }
 
 tree_commit() {  # print "COMMIT DIRTY" for this working tree from $CARRY/tree.txt (no git needed): DIRTY=1 when a
