@@ -192,9 +192,7 @@ def run_our_cell(a: argparse.Namespace) -> dict:
     synchronize(device)
     res["first_call_s"] = time.perf_counter() - t0
     res["meta_loss"] = float(loss)
-    params = dict(head.net.named_parameters())
-    torch.save({names[n]: (p.grad.detach().cpu().clone() if p.grad is not None else torch.zeros_like(p, device="cpu"))
-                for n, p in params.items()}, a.grad_out)
+    torch.save({names[n]: grad_on_cpu(p) for n, p in head.net.named_parameters()}, a.grad_out)
 
     def step() -> None:
         """One meta-train step: meta-gradient and Adam update."""
@@ -204,6 +202,11 @@ def run_our_cell(a: argparse.Namespace) -> dict:
 
     res.update(timed_steps(step, device, a.warmup, a.timed, t), peak_rss_mib=maxrss_mib())
     return res
+
+
+def grad_on_cpu(p: torch.Tensor) -> torch.Tensor:
+    """A parameter's gradient copied to the CPU (zeros where it got none), for the agreement check."""
+    return p.grad.detach().cpu().clone() if p.grad is not None else torch.zeros_like(p, device="cpu")
 
 
 def synchronize(device: torch.device) -> None:
@@ -388,6 +391,14 @@ def format_table(results: list[dict], load_end: tuple, load_start: tuple, total:
         f"Load average at start {tuple(round(x, 1) for x in load_start)}, end {tuple(round(x, 1) for x in load_end)}: "
         f"shared machine, use ratios. Total {total:.0f} s.",
         "",
+    ]
+    return "\n".join(lines + table_rows(results, gpu))
+
+
+def table_rows(results: list[dict], gpu: bool) -> list[str]:
+    """The markdown table of the cells (header first): speed against the fastest peer, on a GPU also against
+    learn2learn and the GPU's peak memory, then peak RSS and the meta-gradient agreement."""
+    lines = [
         "| setup | steps | order | impl | tasks/s | x fastest peer |" + (" x learn2learn | peak GPU (MiB) |" if gpu else "")
         + " peak RSS (MiB) | meta-grad vs plain fp32 | vs plain fp64 |",
         "|---|---|---|---|---|---|" + ("---|---|" if gpu else "") + "---|---|---|",
@@ -409,7 +420,7 @@ def format_table(results: list[dict], load_end: tuple, load_start: tuple, total:
         g32 = "(ref)" if r["impl"] == "plain" else (f"{r['grad_rel_plain32']:.1e}" if "grad_rel_plain32" in r else "-")
         g64 = f"{r['grad_rel_plain64']:.1e}" if "grad_rel_plain64" in r else "-"
         lines.append(head + f" {r['tasks_per_s']:.1f} | {ratio} |{extra} {r['peak_rss_mib']:.0f} | {g32} | {g64} |")
-    return "\n".join(lines)
+    return lines
 
 
 def main() -> None:

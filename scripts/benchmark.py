@@ -1038,27 +1038,12 @@ def gpu_meta_train_lines(data: dict) -> list[str]:
              "../shared/bench/peers_maml.py's own implementations on the GPU (scripts/peers_on_device.py); every "
              "meta-gradient is checked against the plain loop (float32 on the GPU) and against the float64 plain loop "
              "on the CPU; tasks/s is the median of the timed meta-train steps, the clock stopped after the GPU finished "
-             "each.", "",
-             "| setup | steps | order | impl | tasks/s | x fastest peer | x learn2learn | peak GPU (MiB) | "
-             "meta-grad vs plain fp32 | vs plain fp64 |", "|---|---|---|---|---|---|---|---|---|---|"]
-    ours = ("metaformer_loop", "metaformer_batched")
+             "each.", "", *_bench_meta_train().table_rows(results, gpu=True)]
+    ours = _bench_meta_train().OUR_IMPLS
     verdicts = []
     for key in dict.fromkeys((r.get("config"), r.get("steps"), r.get("order")) for r in results):
-        cell = [r for r in results if (r.get("config"), r.get("steps"), r.get("order")) == key]
-        ok = [r for r in cell if r.get("status") == "ok"]
-        peers = [r["tasks_per_s"] for r in ok if r["impl"] not in ours]
+        ok = [r for r in results if (r.get("config"), r.get("steps"), r.get("order")) == key and r.get("status") == "ok"]
         l2l = [r["tasks_per_s"] for r in ok if r["impl"] == "l2l"]
-        for r in cell:
-            head = f"| {key[0]} | {key[1]} | {str(key[2]).upper()} | {r.get('impl')} |"
-            if r.get("status") != "ok":
-                lines.append(head + f" {r.get('status')} | | | | {str(r.get('error', ''))[:80]} | |")
-                continue
-            g32 = "(ref)" if r["impl"] == "plain" else (f"{r['grad_rel_plain32']:.1e}" if "grad_rel_plain32" in r else "-")
-            g64 = f"{r['grad_rel_plain64']:.1e}" if "grad_rel_plain64" in r else "-"
-            lines.append(head + f" {r['tasks_per_s']:.1f} | "
-                         + (f"{r['tasks_per_s'] / max(peers):.2f}" if peers else "-") + " | "
-                         + (f"{r['tasks_per_s'] / l2l[0]:.2f}" if l2l else "-") + " | "
-                         + (f"{r['peak_device_mib']:.1f}" if "peak_device_mib" in r else "-") + f" | {g32} | {g64} |")
         best = max((r for r in ok if r["impl"] in ours), key=lambda r: r["tasks_per_s"], default=None)
         if best is not None and l2l:
             verdicts.append(f"{key[0]} {key[1]}-step {str(key[2]).upper()}: {best['impl']} "
@@ -1066,6 +1051,17 @@ def gpu_meta_train_lines(data: dict) -> list[str]:
     lines += ["", "Our faster path against learn2learn (issue 5's GPU target: at least 10x on Conv-4): "
               + ("; ".join(verdicts) if verdicts else "no cell with both") + ".", ""]
     return lines
+
+
+@functools.lru_cache(maxsize=None)
+def _bench_meta_train() -> Any:
+    """scripts/bench_meta_train.py as a module: its table of the MAML-step cells serves the GPU section too."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_meta_train", ROOT / "scripts" / "bench_meta_train.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def load_gpu_meta_train(paths: Sequence[Path]) -> dict:

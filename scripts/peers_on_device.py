@@ -25,7 +25,7 @@ from types import ModuleType
 
 import torch
 
-from bench_meta_train import synchronize, timed_steps  # scripts/ is this file's folder, first on sys.path
+from bench_meta_train import grad_on_cpu, synchronize, timed_steps  # scripts/ is this file's folder, first on sys.path
 
 
 def load_peers_module(path: str) -> ModuleType:
@@ -73,8 +73,7 @@ def run_cell(a: argparse.Namespace) -> dict:
     synchronize(device)
     res["first_call_s"] = time.perf_counter() - t0
     res["meta_loss"] = float(loss)
-    torch.save({n: (p.grad.detach().cpu().clone() if p.grad is not None else torch.zeros_like(p, device="cpu"))
-                for n, p in model.named_parameters()}, a.grad_out)
+    torch.save({n: grad_on_cpu(p) for n, p in model.named_parameters()}, a.grad_out)
     if a.timed == 0:  # gradient-only run (a reference)
         res.update(status="grad-only", peak_rss_mib=peers.maxrss_mib())
         return res

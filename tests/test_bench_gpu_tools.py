@@ -74,7 +74,7 @@ def test_device_child_runs_the_peers_code_unchanged(tmp_path: Path) -> None:
 
 def _row(impl: str, tasks_per_s: float, **extra: object) -> dict:
     return {"config": "omniglot", "steps": 1, "order": "so", "impl": impl, "status": "ok", "tasks_per_s": tasks_per_s,
-            "peak_device_mib": 100.0, **extra}
+            "peak_device_mib": 100.0, "peak_rss_mib": 700.0, **extra}
 
 
 def test_gpu_section_holds_the_ratios_it_reads(tmp_path: Path) -> None:
@@ -87,8 +87,8 @@ def test_gpu_section_holds_the_ratios_it_reads(tmp_path: Path) -> None:
     path.write_text(json.dumps({"results": rows, "device": "cuda", "device_name": "Test GPU", "commit": "abc",
                                 "command": "scripts/bench_meta_train.py --device cuda", "args": {"device": "cuda"}}))
     text = "\n".join(b.gpu_meta_train_lines(b.load_gpu_meta_train([path])))
-    assert "| omniglot | 1 | SO | metaformer_batched | 250.0 | 12.50 | 25.00 | 100.0 | 2.0e-07 | 3.0e-07 |" in text
-    assert "| omniglot | 1 | SO | plain | 20.0 | 1.00 | 2.00 | 100.0 | (ref) | - |" in text
+    assert "| omniglot | 1 | SO | metaformer_batched | 250.0 | 12.50 | 25.00 | 100.0 | 700 | 2.0e-07 | 3.0e-07 |" in text
+    assert "| omniglot | 1 | SO | plain | 20.0 | 1.00 | 2.00 | 100.0 | 700 | (ref) | - |" in text
     assert "import/setup failed" in text and "No module named 'torchopt'" in text
     assert "omniglot 1-step SO: metaformer_batched 25.0x learn2learn" in text
     assert "Test GPU" in text and "`abc`" in text
