@@ -277,6 +277,67 @@ def test_per_step_batchnorm_batched_equals_loop_and_updates_running_stats() -> N
     assert torch.allclose(one[:, :2], part, atol=1e-10)
 
 
+def episode_batch_of(data: tuple) -> EpisodeBatch:
+    """The tensors of make_data as an EpisodeBatch."""
+    xs, ys, xq, yq = data
+    return EpisodeBatch.collate([Episode(xs[t], ys[t], xq[t], yq[t], [str(c) for c in range(N)]) for t in range(T)])
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1])
+def test_per_step_running_statistics_are_one_update_per_meta_batch_on_both_paths(chunk_size: int | None) -> None:
+    """Row 0 of the first BatchNorm after one meta_backward: momentum times the mean over tasks of the per-task
+    statistics of the support set, on the loop path too (which once applied the momentum once per task)."""
+    torch.manual_seed(0)
+    data = make_data(10)
+    loop = MAML(small_conv(), N, inner_steps=2, inner_lr=LR, path="loop", batch_norm="per_step").double()
+    batched = MAML(small_conv(), N, inner_steps=2, inner_lr=LR, path="batched", batch_norm="per_step").double()
+    batched.load_state_dict(loop.state_dict())
+    for head in (loop, batched):
+        head.meta_backward(episode_batch_of(data), chunk_size=chunk_size)
+    with torch.no_grad():
+        h = loop.net.backbone.features[0](data[0].flatten(0, 1)).view(T, N * K, 6, 8, 8)
+        mean = h.mean(dim=(1, 3, 4)).mean(0)
+        var = h.transpose(1, 2).reshape(T, 6, -1).var(dim=2, unbiased=True).mean(0)
+    m = 0.1  # bn_momentum
+    for head in (loop, batched):
+        bn = head.per_step_bn
+        assert torch.allclose(bn.running_mean_0[0], m * mean, atol=1e-12)
+        assert torch.allclose(bn.running_var_0[0], (1 - m) + m * var, atol=1e-12)
+        assert bool((bn.running_mean_1 != 0).all())  # every row of every layer moved
+    for name, buf in loop.per_step_bn.named_buffers():
+        assert torch.allclose(buf, dict(batched.per_step_bn.named_buffers())[name], atol=1e-12), name
+
+
+def test_per_step_batchnorm_with_more_steps_at_test_time_uses_trained_rows() -> None:
+    """Train 1 inner step, evaluate with 3: the query forward keeps its trained row (the table has K + 1 rows)."""
+    torch.manual_seed(0)
+    data = make_data(11)
+    head = MAML(small_conv(), N, inner_steps=1, eval_inner_steps=3, inner_lr=0.0, batch_norm="per_step").double()
+    assert head.per_step_bn.rows == 2
+    head.meta_backward(episode_batch_of(data))
+    head.eval()
+    xs, ys, xq, _ = data
+    with torch.no_grad():
+        three = head.adapt_batch(xs, ys)(xq)
+        head.eval_inner_steps = 1
+        one = head.adapt_batch(xs, ys)(xq)
+    # inner_lr = 0: the fast weights never move, so the number of steps may change nothing
+    assert torch.allclose(three, one, atol=1e-12)
+    assert [head.per_step_bn.row(k, False) for k in range(3)] == [0, 0, 0] and head.per_step_bn.row(3, True) == 1
+
+
+def test_per_step_batchnorm_loads_a_table_with_untrained_extra_rows() -> None:
+    """Earlier versions sized the table by max(inner_steps, eval_inner_steps) + 1; the trained rows are kept."""
+    old = MAML(small_conv(), N, inner_steps=1, batch_norm="per_step").double()
+    state = old.state_dict()
+    for key in [k for k in state if k.startswith("per_step_bn.")]:
+        state[key] = torch.cat([state[key] + 1.0, torch.full_like(state[key], 7.0)])  # rows 2-3: never trained
+    new = MAML(small_conv(), N, inner_steps=1, batch_norm="per_step").double()
+    new.load_state_dict(state)
+    assert torch.equal(new.per_step_bn.running_mean_0, old.per_step_bn.running_mean_0 + 1.0)
+    assert torch.equal(new.per_step_bn.weight[1], old.per_step_bn.weight[1] + 1.0)
+
+
 def test_lstm_meta_learner_first_step_is_sgd_with_gate_rates() -> None:
     """At init the forget gate is ~1 and the input gate ~inner_lr: the first step is almost SGD."""
     torch.manual_seed(0)

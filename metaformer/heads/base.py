@@ -16,6 +16,7 @@ A head turns a labelled support set into a predictor for the task's queries:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from abc import ABC, abstractmethod
 from typing import Any, Callable, Optional, Union
@@ -23,7 +24,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from .losses import TASK_KINDS, batch_metrics, task_losses
+from .losses import TASK_KINDS, batch_metrics, check_has_examples, check_targets, task_losses
 
 Inputs = Union[Tensor, list]
 
@@ -92,14 +93,27 @@ class FewShotHead(nn.Module, ABC):
 
     def loss(self, batch: Any) -> tuple[Tensor, dict[str, float]]:
         """Meta-training loss of an EpisodeBatch (mean over tasks of the query loss) and float metrics."""
-        predictor = self.adapt_batch(batch.support_x, batch.support_y, batch.support_mask, batch.n_way)
-        out = predictor(batch.query_x, batch.query_mask)
+        check_has_examples(batch.query_mask, "query")
+        with self.statistics_scope():
+            predictor = self.adapt_batch(batch.support_x, batch.support_y, batch.support_mask, batch.n_way)
+            out = predictor(batch.query_x, batch.query_mask)
+        check_targets(out, batch.query_y, batch.query_mask, self.kind)
         per_task = task_losses(out, batch.query_y, batch.query_mask, self.kind)
         return per_task.mean(), batch_metrics(out, batch.query_y, batch.query_mask, self.kind, per_task)
 
     def forward(self, batch: Any) -> tuple[Tensor, dict[str, float]]:  # type: ignore[override]
         """Same as loss(batch); calling the module lets DistributedDataParallel wrap a head."""
         return self.loss(batch)
+
+    def check_gradients_allowed(self) -> None:
+        """Heads that take gradient steps on the support set cannot adapt under torch.inference_mode(): say so."""
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError(f"{type(self).__name__} takes gradient steps on the support set at test time, which "
+                               "torch.inference_mode() forbids; predict under torch.no_grad() instead")
+
+    def statistics_scope(self) -> contextlib.AbstractContextManager:
+        """A scope whose running-statistics updates count once (per-step BatchNorm); nothing for most heads."""
+        return contextlib.nullcontext()
 
     def default_chunk_size(self, batch: Any) -> Optional[int]:
         """Tasks per backward in meta_backward (None: the whole batch at once)."""
@@ -112,6 +126,11 @@ class FewShotHead(nn.Module, ABC):
         ``(scale * loss(batch)).backward()`` for heads whose loss is a mean of independent per-task losses
         (all gradient-based heads with transductive BatchNorm); metric heads default to one chunk.
         """
+        with self.statistics_scope():  # one running-statistics update for the whole batch, whatever its chunks
+            return self._meta_backward(batch, chunk_size, scale)
+
+    def _meta_backward(self, batch: Any, chunk_size: Optional[int], scale: float) -> tuple[Tensor, dict[str, float]]:
+        """meta_backward inside the statistics scope."""
         total = num_tasks_of(batch.support_x)
         size = chunk_size if chunk_size is not None else self.default_chunk_size(batch)
         if size is None or size >= total or not dataclasses.is_dataclass(batch):
@@ -164,37 +183,53 @@ class FewShotHead(nn.Module, ABC):
                 raise ValueError(
                     f"support_mask must be bool [T, S] = {tuple(support_y.shape[:2])}, got {support_mask.dtype} {tuple(support_mask.shape)}"
                 )
-            if bool(support_mask.all()):
-                support_mask = None
-        ways = self._check_ways(n_way, t, support_y)
+        elif isinstance(support_x, list) and any(len(v) < s for v in support_x):
+            # ragged lists (text): the positions past a task's own length are padding, whatever their labels say
+            lengths = torch.tensor([len(v) for v in support_x], device=support_y.device)
+            support_mask = torch.arange(s, device=support_y.device)[None, :] < lengths[:, None]
+        real = support_mask if support_mask is not None else torch.ones(support_y.shape[:2], dtype=torch.bool,
+                                                                         device=support_y.device)
+        if bool((real.sum(dim=1) == 0).any()):
+            task = int((real.sum(dim=1) == 0).nonzero()[0])
+            raise ValueError(f"task {task} has no support examples (all positions padded); every task needs at least one")
+        ways = self._check_ways(n_way, t, support_y, real)
+        if support_mask is not None and bool(support_mask.all()):
+            support_mask = None
         return t, support_mask, ways
 
-    def _check_ways(self, n_way: Optional[Union[int, Tensor]], t: int, support_y: Tensor) -> Optional[Tensor]:
-        """n_way as a [T] int64 tensor on the labels' device (None for regression or when all tasks use n_out)."""
+    def _check_ways(self, n_way: Optional[Union[int, Tensor]], t: int, support_y: Tensor, real: Tensor) -> Optional[Tensor]:
+        """n_way as a [T] int64 tensor on the labels' device (None for regression or when all tasks use n_out);
+        every real support label must be one of its task's classes."""
         if self.kind == "regression":
             return None
         if n_way is None:
-            top = int(support_y.max()) if support_y.numel() else -1
-            if top >= self.n_out:
+            limit = torch.full((t,), self.n_out, dtype=torch.int64, device=support_y.device)
+            ways = None
+        else:
+            ways = torch.full((t,), int(n_way), dtype=torch.int64) if isinstance(n_way, int) else n_way
+            if not isinstance(ways, Tensor) or ways.shape != (t,):
+                raise ValueError(f"n_way must be an int or an int64 tensor [T={t}], got {n_way!r}")
+            hi = int(ways.max())
+            if int(ways.min()) < 1:
+                raise ValueError(f"every task needs n_way >= 1, got {int(ways.min())}; an Episode built without "
+                                 "class_names has n_way 0: pass class_names (one name per class)")
+            if hi > self.n_out:
                 raise ValueError(
-                    f"support label {top} is out of range for a head with {self.n_out} outputs; "
-                    f"build the head with n_way >= {top + 1} or pass n_way"
+                    f"n_way ranges over {int(ways.min())}..{hi} but the head has {self.n_out} outputs; "
+                    f"build the head with n_way >= {hi}"
                 )
+            ways = ways.to(support_y.device)
+            limit = ways
+        bad = real & ((support_y < 0) | (support_y >= limit[:, None]))
+        if bool(bad.any()):
+            task, pos = (int(v) for v in bad.nonzero()[0])
+            label, top = int(support_y[task, pos]), int(limit[task])
+            fix = (f"build the head with n_way >= {label + 1} or pass n_way" if n_way is None and label >= self.n_out
+                   else f"labels of a task must be 0..n_way-1 (here n_way={top}); mark padding with support_mask False")
+            raise ValueError(f"support label {label} of task {task} (position {pos}) is out of range: {fix}")
+        if ways is None or (int(ways.min()) == self.n_out):
             return None
-        ways = torch.full((t,), int(n_way), dtype=torch.int64) if isinstance(n_way, int) else n_way
-        if not isinstance(ways, Tensor) or ways.shape != (t,):
-            raise ValueError(f"n_way must be an int or an int64 tensor [T={t}], got {n_way!r}")
-        hi = int(ways.max())
-        if hi > self.n_out or int(ways.min()) < 1:
-            raise ValueError(
-                f"n_way ranges over {int(ways.min())}..{hi} but the head has {self.n_out} outputs; "
-                f"build the head with n_way >= {hi}"
-            )
-        if int(support_y.max()) >= hi:
-            raise ValueError(f"support label {int(support_y.max())} is out of range for n_way={hi}")
-        if hi == self.n_out and int(ways.min()) == hi:
-            return None
-        return ways.to(support_y.device)
+        return ways
 
 
 def slice_batch(batch: Any, start: int, stop: int) -> Any:

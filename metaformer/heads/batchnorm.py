@@ -10,13 +10,15 @@ Two policies, chosen per head with ``batch_norm=``:
     Predictions for a query therefore depend on the other queries of the same task.
 
 ``"per_step"`` (Antoniou et al. 2019, "How to train your MAML", BNRS + BNWB)
-    Each BatchNorm layer gets, for every inner step ``k = 0..K`` (``K`` = the query forward), its own
-    running mean/variance and its own weight and bias. The weight and bias are meta-learned in the outer
-    loop and *not* adapted by the inner loop. In training mode the layer normalises with per-task batch
-    statistics and updates the step's running statistics (exponential average with ``momentum`` of the
-    mean over tasks of the per-task statistics); in evaluation mode it normalises with the step's running
-    statistics, so a prediction no longer depends on the other queries. Steps beyond the table (more
-    inner steps at test time than in training) use the last row.
+    Each BatchNorm layer gets, for every training inner step ``k = 0..K-1`` and for the query forward (row
+    ``K``), its own running mean/variance and its own weight and bias. The weight and bias are meta-learned
+    in the outer loop and *not* adapted by the inner loop. In training mode the layer normalises with
+    per-task batch statistics and updates the row's running statistics once per forward pass of the meta-batch
+    (exponential average with ``momentum`` of the mean over tasks of the per-task statistics), the same on the
+    batched and the loop path; ``meta_backward`` makes that once per meta-batch, whatever its chunks. In
+    evaluation mode it normalises with the row's running statistics, so a prediction no longer depends on the
+    other queries. With more inner steps at test time than in training, the support steps beyond ``K - 1`` use
+    row ``K - 1`` (the last trained support row) and the query forward always uses row ``K``.
 
 BatchNorm layers are matched to table rows by the order in which they are *called* during a forward pass,
 and the channel count is checked on every call.
@@ -24,7 +26,8 @@ and the channel count is checked on every call.
 
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -85,7 +88,8 @@ class PerStepBatchNorm(nn.Module):
     """MAML++ per-step BatchNorm tables: running statistics, weight and bias for every BN layer and inner step."""
 
     def __init__(self, bn_layers: list[nn.modules.batchnorm._BatchNorm], num_steps: int, momentum: float = 0.1) -> None:
-        """Build tables with ``num_steps + 1`` rows (inner steps plus the query forward), initialised from the layers."""
+        """Build tables with ``num_steps + 1`` rows (the training inner steps plus the query forward), initialised
+        from the layers."""
         super().__init__()
         if num_steps < 0:
             raise ValueError(f"PerStepBatchNorm: num_steps must be >= 0, got {num_steps}")
@@ -93,6 +97,8 @@ class PerStepBatchNorm(nn.Module):
         self.momentum = float(momentum)
         self.channels = [m.num_features for m in bn_layers]
         self.eps = [float(m.eps) for m in bn_layers]
+        # (layer, row) -> [sum over tasks of the mean, of the unbiased variance, number of tasks] while deferred
+        self._pending: Optional[dict[tuple[int, int], list[Any]]] = None
         self.weight = nn.ParameterList()
         self.bias = nn.ParameterList()
         for i, m in enumerate(bn_layers):
@@ -103,6 +109,64 @@ class PerStepBatchNorm(nn.Module):
             self.bias.append(nn.Parameter(b.clone().unsqueeze(0).repeat(self.rows, 1)))
             self.register_buffer(f"running_mean_{i}", torch.zeros(self.rows, c, dtype=w.dtype, device=w.device))
             self.register_buffer(f"running_var_{i}", torch.ones(self.rows, c, dtype=w.dtype, device=w.device))
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        """Accept tables saved with extra rows (earlier versions sized the table ``max(inner_steps, eval_inner_steps)
+        + 1``, but only rows ``0..inner_steps`` were ever trained): keep those."""
+        for i in range(len(self.channels)):
+            for key in (f"{prefix}weight.{i}", f"{prefix}bias.{i}", f"{prefix}running_mean_{i}", f"{prefix}running_var_{i}"):
+                t = state_dict.get(key)
+                if isinstance(t, Tensor) and t.dim() == 2 and t.shape[0] > self.rows:
+                    state_dict[key] = t[: self.rows]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def row(self, step: int, query: bool) -> int:
+        """Table row of a BatchNorm call: the query forward uses row K, support step k row min(k, K - 1)."""
+        if query:
+            return self.rows - 1
+        return min(step, max(self.rows - 2, 0))
+
+    @contextlib.contextmanager
+    def deferred_updates(self) -> Iterator[None]:
+        """Collect the running-statistics updates of the scope and apply them at its end, one EMA step per row
+        with the mean over every task seen (nested scopes join the outer one; an exception discards them)."""
+        if self._pending is not None:
+            yield
+            return
+        self._pending = {}
+        done = False
+        try:
+            yield
+            done = True
+        finally:
+            pending, self._pending = self._pending, None
+            if done:
+                for (layer, row), (mean_sum, var_sum, n) in pending.items():
+                    self._update(layer, row, mean_sum / n, var_sum / n)
+
+    def _record(self, layer: int, row: int, mean: Tensor, var: Tensor, per_task: int) -> None:
+        """Per-task batch statistics (``[T, C]``, biased variance over ``per_task`` values) of one call."""
+        with torch.no_grad():
+            unbiased = var.detach() * (per_task / max(per_task - 1, 1))
+            mean = mean.detach()
+            if self._pending is None:
+                self._update(layer, row, mean.mean(0), unbiased.mean(0))
+                return
+            acc = self._pending.get((layer, row))
+            if acc is None:
+                self._pending[(layer, row)] = [mean.sum(0), unbiased.sum(0), mean.shape[0]]
+            else:
+                acc[0] = acc[0] + mean.sum(0)
+                acc[1] = acc[1] + unbiased.sum(0)
+                acc[2] += mean.shape[0]
+
+    def _update(self, layer: int, row: int, mean: Tensor, unbiased_var: Tensor) -> None:
+        """One exponential-average step of a row's running statistics."""
+        with torch.no_grad():
+            rm = getattr(self, f"running_mean_{layer}")[row]
+            rv = getattr(self, f"running_var_{layer}")[row]
+            rm.mul_(1 - self.momentum).add_(mean.to(rm.dtype), alpha=self.momentum)
+            rv.mul_(1 - self.momentum).add_(unbiased_var.to(rv.dtype), alpha=self.momentum)
 
     def __len__(self) -> int:
         """Number of BatchNorm layers covered."""
@@ -116,8 +180,10 @@ class PerStepBatchNorm(nn.Module):
         num_tasks: Optional[int],
         sample_mask: Optional[Tensor],
         training: bool,
+        query: bool = False,
     ) -> Tensor:
-        """Normalise ``x`` for BN layer ``layer`` at inner step ``step`` (``num_tasks`` None: one task, native BN)."""
+        """Normalise ``x`` for BN layer ``layer`` at inner step ``step`` or the query forward (``query``);
+        ``num_tasks`` None: one task."""
         if layer >= len(self.channels):
             raise RuntimeError(
                 f"per-step BatchNorm: the forward called BatchNorm {layer + 1} times but the backbone registers "
@@ -128,7 +194,7 @@ class PerStepBatchNorm(nn.Module):
                 f"per-step BatchNorm: call {layer} has {x.shape[1]} channels but registered layer {layer} has "
                 f"{self.channels[layer]}; the backbone calls its BatchNorm layers in another order than it registers them"
             )
-        row = min(step, self.rows - 1)
+        row = self.row(step, query)
         w, b = self.weight[layer][row], self.bias[layer][row]
         rm = getattr(self, f"running_mean_{layer}")[row]
         rv = getattr(self, f"running_var_{layer}")[row]
@@ -136,14 +202,15 @@ class PerStepBatchNorm(nn.Module):
         if num_tasks is None:
             if not training:
                 return F.batch_norm(x, rm, rv, w, b, False, 0.0, eps)
-            # one task: native BN updates this step's running row in place (rm/rv are views of the tables)
-            return F.batch_norm(x, rm, rv, w, b, True, self.momentum, eps)
+            y = F.batch_norm(x, None, None, w, b, True, 0.0, eps)
+            with torch.no_grad():
+                dims = [0] + list(range(2, x.dim()))
+                mean = x.mean(dim=dims).unsqueeze(0)
+                var = x.var(dim=dims, unbiased=False).unsqueeze(0)
+            self._record(layer, row, mean, var, x.numel() // x.shape[1])
+            return y
         if not training:
             return task_batch_norm(x, num_tasks, w, b, eps, stats=(rm, rv))[0]
         y, mean, var = task_batch_norm(x, num_tasks, w, b, eps, sample_mask=sample_mask)
-        with torch.no_grad():
-            n = x.numel() // (x.shape[1] * num_tasks)
-            unbiased = var.mean(0) * (n / max(n - 1, 1))
-            rm.mul_(1 - self.momentum).add_(mean.mean(0), alpha=self.momentum)
-            rv.mul_(1 - self.momentum).add_(unbiased, alpha=self.momentum)
+        self._record(layer, row, mean, var, x.numel() // (x.shape[1] * num_tasks))
         return y

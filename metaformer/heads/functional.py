@@ -20,6 +20,7 @@ In both paths BatchNorm follows the head's policy (see ``metaformer.heads.batchn
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
@@ -92,10 +93,12 @@ class BatchNormContext:
         num_tasks: Optional[int],
         sample_mask: Optional[Tensor],
         training: bool,
+        query: bool = False,
     ) -> None:
-        """Collect the BatchNorm settings for one forward pass."""
+        """Collect the BatchNorm settings for one forward pass (``query``: the query forward of adapted weights)."""
         self.per_step = per_step
         self.step = step
+        self.query = query
         self.num_tasks = num_tasks
         self.sample_mask = sample_mask
         self.training = training
@@ -106,7 +109,7 @@ class BatchNormContext:
         layer = self.calls
         self.calls += 1
         if self.per_step is not None:
-            return self.per_step(layer, self.step, x, self.num_tasks, self.sample_mask, self.training)
+            return self.per_step(layer, self.step, x, self.num_tasks, self.sample_mask, self.training, self.query)
         if self.num_tasks is None:
             # transductive, one task: batch statistics, running buffers never read nor written
             return F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
@@ -205,9 +208,11 @@ class _FastWeightMode(TorchFunctionMode):
         dilation = _arg(args, kwargs, 5, "dilation", 1)
         groups = _arg(args, kwargs, 6, "groups", 1)
         spatial = 2 if func is F.conv2d else 1
-        if weight.dim() == spatial + 2:  # shared weight: one ordinary convolution over all tasks
-            return func(x, weight, bias, stride, padding, dilation, groups)
         t = self.num_tasks
+        if weight.dim() == spatial + 2:
+            if bias is None or bias.dim() == 1:  # shared weight and bias: one ordinary convolution over all tasks
+                return func(x, weight, bias, stride, padding, dilation, groups)
+            weight = weight.expand(t, *weight.shape)  # a frozen weight with an adapted (task-batched) bias
         fmt = self.memory_format if spatial == 2 else torch.contiguous_format
         xb = x.view(t, -1, *x.shape[1:])  # [T, B, C, *sp]
         b = xb.shape[1]
@@ -272,6 +277,7 @@ def functional_forward(
     memory_format: Optional[torch.memory_format] = None,
     once_differentiable: bool = False,
     twice_differentiable: bool = False,
+    query: bool = False,
 ) -> Tensor:
     """Run ``module`` on every task of ``x`` ([T, B, *item] or T lists) with its own fast weights -> [T, B, *out].
 
@@ -279,15 +285,33 @@ def functional_forward(
     ``module`` not named in ``names`` are used as they are. ``once_differentiable``: the caller never
     differentiates this pass twice, so the loop path may run a Conv-4 stem as the fused stem op;
     ``twice_differentiable``: the caller differentiates it twice (second-order support passes), so the loop path
-    runs a Conv-4 stem's conv as patches @ weight (``conv3x3_patches``), whose double backward is cheaper.
+    runs a Conv-4 stem's conv as patches @ weight (``conv3x3_patches``), whose double backward is cheaper;
+    ``query``: the query forward of adapted weights (its own row of the per-step BatchNorm table).
     """
     if once_differentiable and twice_differentiable:
         raise ValueError("functional_forward: a pass cannot be both once_differentiable and twice_differentiable")
+    # one running-statistics update per pass, the mean over its tasks, on both paths (not one per task on the loop)
+    scope = per_step_bn.deferred_updates() if per_step_bn is not None and training else contextlib.nullcontext()
+    with scope:
+        return _functional_forward(module, names, fast, shapes, x, path, sample_mask, step, per_step_bn, training,
+                                   memory_format, once_differentiable, twice_differentiable, query)
+
+
+def _functional_forward(module: nn.Module, names: Sequence[str], fast: Sequence[Tensor], shapes: Sequence[torch.Size],
+                        x: Inputs, path: str, sample_mask: Optional[Tensor], step: int,
+                        per_step_bn: Optional[PerStepBatchNorm], training: bool,
+                        memory_format: Optional[torch.memory_format], once_differentiable: bool,
+                        twice_differentiable: bool, query: bool) -> Tensor:
+    """functional_forward without the running-statistics scope."""
     num_tasks = len(x) if isinstance(x, list) else x.shape[0]
     batched_flags = [f.dim() == len(s) + 1 for f, s in zip(fast, shapes)]
     if path == "batched":
-        bn = BatchNormContext(per_step_bn, step, num_tasks, sample_mask, training)
+        bn = BatchNormContext(per_step_bn, step, num_tasks, sample_mask, training, query)
         ids = frozenset(id(f) for f, b in zip(fast, batched_flags) if b)
+        if sample_mask is not None:
+            # padded items run through the network with the real ones: zero them, so that whatever a hand-built
+            # batch holds there (NaN, say) cannot reach the weight gradients through 0 * NaN
+            x = torch.where(sample_mask.view(*sample_mask.shape, *([1] * (x.dim() - 2))), x, 0.0)
         xf = _flatten_tasks(x)
         if memory_format is not None and xf.dim() == 4:
             xf = xf.contiguous(memory_format=memory_format)
@@ -313,7 +337,7 @@ def functional_forward(
                 xt = xt[sample_mask[t]] if lengths[t] > 0 else xt[:0]
             if memory_format is not None and xt.dim() == 4:
                 xt = xt.contiguous(memory_format=memory_format)
-        bn = BatchNormContext(per_step_bn, step, None, None, training)
+        bn = BatchNormContext(per_step_bn, step, None, None, training, query)
         with _FastWeightMode(bn, frozenset(), fuse_stem=once_differentiable, stem_patches=twice_differentiable):
             outs.append(torch.func.functional_call(module, params, (xt,)))
     return _pad_outputs(outs, sample_mask, x)

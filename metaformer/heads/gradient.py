@@ -28,6 +28,7 @@ and with ``batch_norm="per_step"`` updates the running statistics twice per step
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Optional, Sequence, Union
 
 import torch
@@ -85,7 +86,7 @@ class GradientPredictor(BatchPredictor):
         """query_x [T, Q, *item] -> [T, Q, n_out] (classes beyond n_way are -inf)."""
         out = self.head.forward_fast(
             self.fast.tensors, query_x, query_mask, self.fast.step, self.path,
-            once_differentiable=self.head.query_stem_fused(),
+            once_differentiable=self.head.query_stem_fused(), query=True,
         )
         return mask_unused_classes(out, self.n_way) if self.head.kind == "classification" else out
 
@@ -149,13 +150,17 @@ class GradientHead(FewShotHead):
         bn_layers = batchnorm_modules(backbone)
         self.per_step_bn: Optional[PerStepBatchNorm] = None
         if batch_norm == "per_step":
-            self.per_step_bn = PerStepBatchNorm(bn_layers, max(inner_steps, self.eval_inner_steps), bn_momentum)
+            # rows for the training steps and the query forward: only those are ever trained (more steps at test
+            # time reuse the last support row)
+            self.per_step_bn = PerStepBatchNorm(bn_layers, inner_steps, bn_momentum)
         bn_param_ids = {id(p) for m in bn_layers for p in m.parameters(recurse=False)}
         module = self.net if adapt == "all" else self.net.classifier
         names = []
         for name, p in module.named_parameters():
             if batch_norm == "per_step" and id(p) in bn_param_ids:
                 continue  # MAML++ BN weight/bias live in the per-step table and are not adapted
+            if not p.requires_grad:
+                continue  # a frozen parameter (a frozen encoder, say) is neither adapted nor meta-learned
             names.append(name)
         self.adapted_module = module
         self.fast_names: list[str] = names
@@ -197,32 +202,39 @@ class GradientHead(FewShotHead):
         return stem_is_fast() if self.fused_query_stem is None else bool(self.fused_query_stem)
 
     # ------------------------------------------------------------------ forward with fast weights
-    def features(self, x: Inputs, mask: Optional[Tensor], step: int, path: str) -> Inputs:
+    def features(self, x: Inputs, mask: Optional[Tensor], step: int, path: str, query: bool = False) -> Inputs:
         """ANIL: backbone features [T, B, out_dim] (computed once per set); MAML: the input itself."""
         if self.adapt_mode == "all":
             return x
         return functional_forward(
             self.net.backbone, [], [], [], x, path=path, sample_mask=mask, step=step,
-            per_step_bn=self.per_step_bn, training=self.training,
+            per_step_bn=self.per_step_bn, training=self.training, query=query,
         )
+
+    def statistics_scope(self) -> contextlib.AbstractContextManager:
+        """Per-step BatchNorm (training): one running-statistics update per row for everything inside the scope."""
+        if self.per_step_bn is not None and self.training:
+            return self.per_step_bn.deferred_updates()
+        return contextlib.nullcontext()
 
     def forward_fast(self, fast: Sequence[Tensor], x: Inputs, mask: Optional[Tensor], step: int, path: str,
                      feats: Optional[Inputs] = None, once_differentiable: bool = False,
-                     twice_differentiable: bool = False) -> Tensor:
+                     twice_differentiable: bool = False, query: bool = False) -> Tensor:
         """Network output [T, B, n_out] for inputs ``x`` with fast weights ``fast`` at inner step ``step``.
 
         ``once_differentiable``: the output's graph meets one backward at most (the query pass), which lets a
         Conv-4 stem run as the fused stem op on the loop path; ``twice_differentiable``: it meets a
-        ``create_graph`` backward (a second-order support pass), which runs a Conv-4 stem's conv as patches @ weight.
+        ``create_graph`` backward (a second-order support pass), which runs a Conv-4 stem's conv as patches @ weight;
+        ``query``: the query forward of adapted weights (per-step BatchNorm uses its query row).
         """
         if feats is None:
-            feats = self.features(x, mask, step, path)
+            feats = self.features(x, mask, step, path, query)
         # a fast weight's own shape minus its task dim: no parameter traversal per forward pass
         shapes = [f.shape[1:] if f.dim() == len(n) + 1 else f.shape for f, n in zip(fast, self._fast_ndims)]
         return functional_forward(
             self.adapted_module, self.fast_names, fast, shapes, feats, path=path, sample_mask=mask, step=step,
             per_step_bn=self.per_step_bn, training=self.training, once_differentiable=once_differentiable,
-            twice_differentiable=twice_differentiable,
+            twice_differentiable=twice_differentiable, query=query,
         )
 
     # ------------------------------------------------------------------ inner loop
@@ -240,7 +252,9 @@ class GradientHead(FewShotHead):
         if self.kind == "classification":
             out = mask_unused_classes(out, ways)
         losses = task_losses(out, y, mask, self.kind)
-        grads = list(torch.autograd.grad(losses.sum(), fast, create_graph=create_graph))
+        # materialize_grads: a fast weight the support loss does not reach (a ViT's pooler, say) gets a zero step
+        grads = list(torch.autograd.grad(losses.sum(), fast, create_graph=create_graph, allow_unused=True,
+                                         materialize_grads=True))
         if not create_graph:
             grads = [g.detach() for g in grads]
         lr, decay = self.inner_rates(step, fast, grads, losses, state)
@@ -301,6 +315,7 @@ class GradientHead(FewShotHead):
     def adapt_batch(self, support_x: Inputs, support_y: Tensor, support_mask: Optional[Tensor] = None,
                     n_way: Optional[Union[int, Tensor]] = None) -> BatchPredictor:
         """Adapt to T tasks (inner_steps in training mode, eval_inner_steps in eval mode) -> predictor."""
+        self.check_gradients_allowed()
         _, mask, ways = self.check_support(support_x, support_y, support_mask, n_way)
         path = self.resolve_path(support_x)
         steps = self.inner_steps if self.training else self.eval_inner_steps

@@ -27,6 +27,38 @@ def _real(mask: Optional[Tensor], like: Tensor) -> Tensor:
     return mask.to(like.dtype)
 
 
+def check_has_examples(mask: Optional[Tensor], what: str) -> None:
+    """Raise a ValueError when a task of the padding mask [T, B] has no real example."""
+    if mask is not None and mask.shape[0] > 0 and bool((mask.sum(dim=1) == 0).any()):
+        task = int((mask.sum(dim=1) == 0).nonzero()[0])
+        raise ValueError(f"task {task} has no real {what} examples (all positions padded); every task needs at least one")
+
+
+def check_targets(out: Tensor, y: Tensor, mask: Optional[Tensor], kind: str, what: str = "query") -> None:
+    """Raise a ValueError naming the problem when targets do not fit the predictions ``out`` [T, B, N or D]:
+    a regression target of another shape (it would broadcast), a real label outside its task's classes, or a task
+    without any real example (its loss would count as 0 in the mean over tasks)."""
+    check_has_examples(mask, what)
+    if kind == "regression":
+        if tuple(y.shape) != tuple(out.shape):
+            raise ValueError(f"{what}_y has shape {tuple(y.shape)} but the predictions are {tuple(out.shape)} [T, B, d_out]; "
+                             "regression targets need the same shape (a [T, B] target needs .unsqueeze(-1))")
+        return
+    if tuple(y.shape) != tuple(out.shape[:2]) or y.dtype != torch.int64:
+        raise ValueError(f"{what}_y must be int64 labels [T, B] = {tuple(out.shape[:2])}, got {y.dtype} {tuple(y.shape)}")
+    real = mask if mask is not None else torch.ones(y.shape, dtype=torch.bool, device=y.device)
+    n = out.shape[-1]
+    with torch.no_grad():
+        # a label at or beyond its task's n_way points at a logit that mask_unused_classes set to -inf
+        y = y.to(out.device)
+        target_logit = out.gather(-1, y.clamp(0, n - 1).unsqueeze(-1)).squeeze(-1)
+        bad = real.to(out.device) & ((y < 0) | (y >= n) | torch.isneginf(target_logit))
+    if bool(bad.any()):
+        task, pos = (int(v) for v in bad.nonzero()[0])
+        raise ValueError(f"{what} label {int(y[task, pos])} of task {task} (position {pos}) is not one of the task's "
+                         f"classes: labels must be 0..n_way-1 of their task; mark padding with {what}_mask False")
+
+
 def task_losses(out: Tensor, y: Tensor, mask: Optional[Tensor], kind: str) -> Tensor:
     """Mean loss of every task over its real examples -> [T]: cross-entropy of logits [T,B,N] or MSE of [T,B,D]."""
     m = _real(mask, out)
@@ -34,10 +66,10 @@ def task_losses(out: Tensor, y: Tensor, mask: Optional[Tensor], kind: str) -> Te
         target = y.clamp_min(0)  # padded labels are -1; their loss is masked out below
         # logits of padded classes may be -inf; log_softmax handles it, and no real target points there
         ce = F.cross_entropy(out.reshape(-1, out.shape[-1]), target.reshape(-1), reduction="none").view(m.shape)
-        ce = ce * m
+        ce = torch.where(m > 0, ce, 0.0)  # not ce * m: a non-finite value at a padded position must not leak
         return ce.sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
     if kind == "regression":
-        sq = (out - y.to(out.dtype)).pow(2).mean(dim=-1) * m
+        sq = torch.where(m > 0, (out - y.to(out.dtype)).pow(2).mean(dim=-1), 0.0)
         return sq.sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
     raise ValueError(f"task kind must be one of {TASK_KINDS}, got {kind!r}")
 

@@ -49,7 +49,7 @@ from torch import Tensor, nn
 
 from .base import BatchPredictor, Inputs
 from .gradient import FastWeights, GradientHead
-from .losses import batch_metrics, mask_unused_classes, task_losses
+from .losses import batch_metrics, check_targets, mask_unused_classes, task_losses
 
 
 class ProbabilisticPredictor(BatchPredictor):
@@ -73,7 +73,7 @@ class ProbabilisticPredictor(BatchPredictor):
         for fast in self.samples:
             out = self.head.forward_fast(
                 fast.tensors, query_x, query_mask, fast.step, self.path,
-                once_differentiable=self.head.query_stem_fused(),
+                once_differentiable=self.head.query_stem_fused(), query=True,
             )
             outs.append(mask_unused_classes(out, self.n_way) if self.head.kind == "classification" else out)
         return torch.stack(outs)
@@ -198,6 +198,7 @@ class ProbabilisticMAML(GradientHead):
         S is ``num_samples`` if given, else ``self.num_samples`` (training mode) or ``self.eval_samples``
         (evaluation mode); ``deterministic`` heads use S = 1 and adapt from μ.
         """
+        self.check_gradients_allowed()
         t, mask, ways = self.check_support(support_x, support_y, support_mask, n_way)
         if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1):
             raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
@@ -245,8 +246,10 @@ class ProbabilisticMAML(GradientHead):
     # ------------------------------------------------------------------ meta-training loss
     def loss(self, batch: Any) -> tuple[Tensor, dict[str, float]]:
         """Negative ELBO: mean over samples and tasks of the query loss + kl_weight * KL; metrics include nll and kl."""
-        predictor = self.adapt_batch(batch.support_x, batch.support_y, batch.support_mask, batch.n_way)
-        outs = predictor.sample_outputs(batch.query_x, batch.query_mask)
+        with self.statistics_scope():
+            predictor = self.adapt_batch(batch.support_x, batch.support_y, batch.support_mask, batch.n_way)
+            outs = predictor.sample_outputs(batch.query_x, batch.query_mask)
+        check_targets(outs[0], batch.query_y, batch.query_mask, self.kind)
         per_task = torch.stack([task_losses(o, batch.query_y, batch.query_mask, self.kind) for o in outs]).mean(0)
         nll = per_task.mean()
         kl = self.kl_divergence()

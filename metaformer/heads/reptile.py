@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from .base import num_tasks_of
 from .gradient import GradientHead
-from .losses import batch_metrics, task_losses
+from .losses import batch_metrics, check_targets, task_losses
 
 
 class Reptile(GradientHead):
@@ -49,6 +49,7 @@ class Reptile(GradientHead):
             from .gradient import GradientPredictor
 
             out = GradientPredictor(self, fast, ways, path)(batch.query_x, batch.query_mask)
+            check_targets(out, batch.query_y, batch.query_mask, self.kind)
             per_task = task_losses(out, batch.query_y, batch.query_mask, self.kind)
             metrics = batch_metrics(out, batch.query_y, batch.query_mask, self.kind, per_task)
         return [f.mean(dim=0) for f in fast.tensors], metrics, per_task.mean()
@@ -60,7 +61,8 @@ class Reptile(GradientHead):
         weights not finite): written in place, one such step would turn every weight into NaN for good.
         """
         eps = self.outer_lr if outer_lr is None else float(outer_lr)
-        means, metrics, _ = self.adapted_weights(batch)
+        with self.statistics_scope():
+            means, metrics, _ = self.adapted_weights(batch)
         if not all(bool(torch.isfinite(m).all()) for m in means):
             raise FloatingPointError(
                 f"Reptile step skipped: the adapted weights are not finite (an inner loop diverged; inner_lr="
@@ -74,6 +76,11 @@ class Reptile(GradientHead):
 
     def meta_backward(self, batch: Any, chunk_size: Optional[int] = None, scale: float = 1.0) -> tuple[Tensor, dict[str, float]]:
         """Accumulate ``scale * (theta - mean_t theta_t)`` into .grad (SGD with lr=outer_lr then is Reptile)."""
+        with self.statistics_scope():
+            return self._reptile_grad(batch, chunk_size, scale)
+
+    def _reptile_grad(self, batch: Any, chunk_size: Optional[int], scale: float) -> tuple[Tensor, dict[str, float]]:
+        """meta_backward inside the statistics scope."""
         total = num_tasks_of(batch.support_x)
         size = total if chunk_size is None else int(chunk_size)
         if size < 1:

@@ -44,6 +44,18 @@ def _check_image_input(x: Tensor, in_channels: int, name: str, num_pools: int) -
         )
 
 
+def _hooks_would_run(modules: list[nn.Module]) -> bool:
+    """Whether calling these modules would run a hook: one of their own, or a global module hook."""
+    from torch.nn.modules import module as module_globals
+
+    for name in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                 "_global_backward_pre_hooks"):
+        if getattr(module_globals, name, None):
+            return True
+    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or getattr(m, "_backward_pre_hooks", None)
+               for m in modules)
+
+
 class Conv4(Encoder):
     """Conv-4: ``num_blocks`` x (3x3 conv ``hidden`` channels, BatchNorm, ReLU, 2x2 max-pool), then flatten.
 
@@ -79,7 +91,9 @@ class Conv4(Encoder):
         """Map ``[B, C, H, W]`` images to ``[B, hidden]`` features."""
         _check_image_input(x, self.in_channels, "Conv4", self.num_blocks)
         layers = list(self.features)
-        if len(layers) % 4:  # a features stack edited into another shape: run it as it is
+        # a features stack edited into another shape, or hooks (pruning, feature capture) that the fused calls below
+        # would skip because they call no submodule: run the modules as they are
+        if len(layers) % 4 or _hooks_would_run(layers):
             return self.features(x).mean(dim=(2, 3))
         for i in range(0, len(layers), 4):
             conv, bn, act, pool = layers[i : i + 4]

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metaformer.data.episodes import EpisodeBatch
+from metaformer.heads.losses import check_targets
 from metaformer.models.backbones import backbone_out_dim, build_backbone
 
 __all__ = ["MetaTransformerConfig", "MetaTransformer", "simplex_code", "CONFIG_NAME", "WEIGHTS_NAME"]
@@ -424,6 +425,7 @@ class MetaTransformer(nn.Module):
         counts = q_mask.sum(dim=1)
         if bool((counts == 0).any()):
             raise ValueError("every task needs at least one query to compute a loss; found a task without queries")
+        check_targets(out, batch.query_y, q_mask, self.config.task)
         if self.config.task == "regression":
             per_item = ((out.float() - batch.query_y.float()) ** 2).mean(dim=-1)  # [T, Q]
             per_task = (per_item * q_mask).sum(dim=1) / counts
@@ -468,9 +470,15 @@ class MetaTransformer(nn.Module):
         return loss_sum / total, {k: v / total for k, v in sums.items()}
 
     @torch.no_grad()
+    @torch.no_grad()
     def predict(self, batch: EpisodeBatch) -> Tensor:
-        """Predicted labels [T, Q] (classification; -1 at padded queries) or values [T, Q, d_out]."""
-        out = self(batch)
+        """Predicted labels [T, Q] (classification; -1 at padded queries) or values [T, Q, d_out], in eval mode."""
+        was_training = self.training
+        self.eval()  # running statistics, no dropout: a prediction must not depend on the other queries
+        try:
+            out = self(batch)
+        finally:
+            self.train(was_training)
         if self.config.task == "regression":
             return out
         return out.argmax(dim=-1).masked_fill(~batch.query_mask, -1)
@@ -519,7 +527,7 @@ class MetaTransformer(nn.Module):
                 f"missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shape {wrong[:5]}"
             )
         model.load_state_dict(state, strict=True)
-        return model.to(map_location)
+        return model.to(map_location).eval()  # as Hugging Face models: ready for inference; .train() to train on
 
     def num_parameters(self, trainable_only: bool = True) -> int:
         """Number of (trainable) parameters."""
