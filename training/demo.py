@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from training.config import Config, config_from_dict, load_config
+from training.config import Config, ConfigError, config_from_dict, load_config
 from training.evaluation import EvalResult, evaluate, predict, report_markdown, write_report
 from training.plots import plot_accuracy, plot_episode
 from training.registry import build_episodes
@@ -27,10 +27,21 @@ METHODS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("FOMAML", "fomaml", ("model.options={inner_steps: 3, inner_lr: 0.4}",)),
 )
 
+# keys each method's run gets from the demo (its own run folder, which the demo deletes before training)
+DEMO_OWNED_KEYS = frozenset({"name", "out_dir", "model.name"})
+
 
 def run_demo(out_dir: str | Path = "runs/demo", budget_seconds: float = 120.0, quick: bool = False,
              episodes: Optional[int] = None, extra: Optional[list[str]] = None, progress: bool = True) -> list[EvalResult]:
     """Train each method for an equal share of `budget_seconds`, evaluate, print the table, write JSON/MD/PNGs."""
+    owned = sorted({o.split("=", 1)[0].strip() for o in extra or []} & DEMO_OWNED_KEYS)
+    if owned:
+        # the demo names and places its own runs, and deletes them before each start: an out_dir from --set would
+        # point that deletion at the user's folder
+        raise ConfigError(f"metaformer demo sets {', '.join(owned)} itself; remove it from --set "
+                          "(use --out DIR for where the demo writes)")
+    if not budget_seconds > 0 or budget_seconds == float("inf"):
+        raise ConfigError(f"--budget-seconds must be a positive number of seconds, got {budget_seconds}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

@@ -16,6 +16,8 @@ SOURCES = ("glyph", "sinusoid", "omniglot")
 PRETRAINED_HEADS = ("baseline", "baselinepp")
 HEADS = ("maml", "fomaml", "anil", "metasgd", "reptile", "lstm", "protonet", "matchingnet", "probmaml") + PRETRAINED_HEADS
 MODELS = ("meta_transformer",) + HEADS
+# heads whose predictions are class scores only (no regression output)
+CLASSIFIER_HEADS = ("protonet", "matchingnet", "baselinepp")
 
 
 def _import(module: str, what: str) -> Any:
@@ -39,13 +41,33 @@ def split_seed(cfg: Config, split: str) -> int:
 
 def build_episodes(cfg: Config, split: str, data_root: Optional[str] = None) -> Any:
     """An indexable episode source with .batch(start, T) for one split (a fixed pure function of its seed)."""
+    try:
+        return _build_episodes(cfg, split, data_root)
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        # the data classes check their arguments; for a config user the fix is a config key, not an argument
+        msg = str(exc).replace("pass on_small_class='drop' to skip them", "drop those classes from the split")
+        raise ConfigError(f"data ({cfg.data.source}, split {split!r}): {msg}; check data.n_way / k_shot / q_query / "
+                          f"image_size / options") from None
+
+
+# Splits of a task family differ by seed only; the offsets keep train, validation and test tasks apart.
+FAMILY_SPLIT_OFFSETS = {"train": 0, "val": 1_000_003, "test": 2_000_003}
+
+
+def _build_episodes(cfg: Config, split: str, data_root: Optional[str]) -> Any:
+    """build_episodes without the translation of the data classes' errors."""
     data = _import("metaformer.data", "data")
     d = cfg.data
     seed = split_seed(cfg, split)
     if d.source == "sinusoid":
-        # Splits of a task family differ by seed only; the offsets keep train and test tasks apart.
-        offset = {d.train_split: 0, d.val_split: 1_000_003, d.test_split: 2_000_003}.get(split, 3_000_017)
-        return data.SinusoidFamily(d.k_shot, d.q_query, seed=seed + offset, **d.options)
+        named = {d.train_split: "train", d.val_split: "val", d.test_split: "test"}
+        part = named.get(split, split)
+        if part not in FAMILY_SPLIT_OFFSETS:
+            raise ConfigError(f"the sinusoid family has no split {split!r}; valid: {d.train_split}, {d.val_split}, "
+                              f"{d.test_split} (data.train_split / val_split / test_split)")
+        return data.SinusoidFamily(d.k_shot, d.q_query, seed=seed + FAMILY_SPLIT_OFFSETS[part], **d.options)
     if d.source == "glyph":
         source = data.GlyphFamily(split=split, image_size=d.image_size, **d.options)
     elif d.source == "omniglot":
@@ -229,8 +251,15 @@ def build_model(cfg: Config) -> nn.Module:
             mcfg = models.MetaTransformerConfig(**kw)
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"model.options do not fit MetaTransformerConfig: {exc}") from None
-        return models.MetaTransformer(mcfg)
+        try:
+            return models.MetaTransformer(mcfg)
+        except (TypeError, ValueError) as exc:  # the backbone is built here: model.backbone / backbone_options
+            raise ConfigError(f"model.backbone / model.backbone_options: {exc}") from None
     if name in HEADS:
+        if regression and name in CLASSIFIER_HEADS:
+            raise ConfigError(f"model.name={name} is a classifier, but data.source={cfg.data.source} gives regression "
+                              f"tasks; choose meta_transformer or one of "
+                              f"{', '.join(h for h in HEADS if h not in CLASSIFIER_HEADS)}")
         heads = _import("metaformer.heads", f"model.name={name}")
         backbone = build_backbone(cfg)
         kw = {"kind": "regression", "n_out": 1} if regression else {"n_way": max_ways(cfg.data)}
@@ -240,5 +269,7 @@ def build_model(cfg: Config) -> nn.Module:
         try:
             return heads.build_head(name, backbone, **kw)
         except (TypeError, ValueError) as exc:
-            raise ConfigError(f"model.options do not fit head {name!r}: {exc}") from None
+            raise ConfigError(f"model.options do not fit head {name!r}: {exc}; model.options are the options of the "
+                              "config's own model, so with --set model.name=... set them too (model.options={} for "
+                              "the head's defaults)") from None
     raise ConfigError(f"model.name must be one of {', '.join(MODELS)}, got {name!r}")

@@ -161,6 +161,13 @@ class Trainer:
             warnings.warn(BF16_SLOW_CPU_WARNING, stacklevel=2)
         self.tasks_per_rank = t.meta_batch // self.info.world_size
         self.run_dir = cfg.run_dir()
+        if (self.run_dir / ckpt_io.META_FILE).is_file():
+            # an exported checkpoint or one step folder of a run: training there would overwrite its config.yaml
+            # and leave weights that no longer match their manifest
+            raise ConfigError(
+                f"{self.run_dir} is a checkpoint (it holds {ckpt_io.META_FILE}), not a run folder; train into another "
+                f"out_dir/name, and to start from its weights set train.init_from={self.run_dir}"
+            )
         seed_everything(cfg.seed)
         self.model = build_model(cfg).to(self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -316,6 +323,8 @@ class Trainer:
 
         cfg, t = self.cfg, self.cfg.train
         main = self.info.is_main
+        if self.step >= t.steps and self.step > 0:
+            return self._already_done()
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.run_dir / "config.yaml", dump_config(cfg))
@@ -421,6 +430,23 @@ class Trainer:
             }
             atomic_write_text(self.run_dir / SUMMARY_FILE, json.dumps(summary, indent=2))
         return result
+
+    def _already_done(self) -> TrainResult:
+        """A resumed run already at (or past) train.steps: say so and leave its files (summary included) alone."""
+        t = self.cfg.train
+        if self.info.is_main:
+            print(f"{self.run_dir} is already at step {self.step} (train.steps={t.steps}): nothing to train; raise "
+                  "train.steps to continue it", flush=True)
+        metrics: dict[str, float] = {}
+        summary = self.run_dir / SUMMARY_FILE
+        if summary.is_file():
+            try:
+                metrics = dict(json.loads(summary.read_text()).get("metrics") or {})
+            except (ValueError, AttributeError, TypeError):
+                metrics = {}  # an unreadable summary only loses the echo of the last metrics; the run is intact
+        ckpts = ckpt_io.list_checkpoints(self.run_dir)
+        return TrainResult(run_dir=self.run_dir, step=self.step, metrics=metrics,
+                           checkpoint=ckpts[-1] if ckpts else None, skipped_steps=self.skipped, rank=self.info.rank)
 
     def _uses_pseudo_gradient(self) -> bool:
         """True for heads whose meta_backward writes .grad directly (Reptile) instead of differentiating a loss."""

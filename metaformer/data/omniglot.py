@@ -22,6 +22,7 @@ import urllib.error
 import urllib.request
 import warnings
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Sequence
 
@@ -110,7 +111,8 @@ def _locate_zip(image_set: str, omniglot_dir: Path, download: bool, cache_dir: P
             return candidate
     if not download:
         raise FileNotFoundError(
-            f"Omniglot zip {name} not found in {omniglot_dir}; {_DATA_ROOT_HINT}, or allow download=True"
+            f"Omniglot zip {name} not found in {omniglot_dir}; {_DATA_ROOT_HINT} (from Python, download=True "
+            "fetches it where there is internet)"
         )
     writable = omniglot_dir.is_dir() and os.access(omniglot_dir, os.W_OK)
     return _download(name, omniglot_dir if writable else cache_dir / "downloads", url)
@@ -153,7 +155,12 @@ def _decode_zip(zip_path: Path, image_size: int) -> tuple[np.ndarray, np.ndarray
         images = np.empty((len(entries), 1, image_size, image_size), dtype=np.uint8)
         labels = np.empty(len(entries), dtype=np.int64)
         for j, (alpha, char, _, member) in enumerate(entries):
-            images[j] = decode_stroke_image(zf.read(member), f"{member} in {zip_path}", image_size)
+            try:
+                raw = zf.read(member)
+            except (zipfile.BadZipFile, zlib.error, EOFError) as err:  # a damaged member (bad CRC, truncated data)
+                raise ValueError(f"Omniglot zip {zip_path} is damaged ({member}: {err}); delete it and download it "
+                                 "again") from None
+            images[j] = decode_stroke_image(raw, f"{member} in {zip_path}", image_size)
             labels[j] = index[f"{alpha}/{char}"]
     return images, labels, names
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import warnings
 
 import torch
@@ -23,8 +24,8 @@ def _as_range(value: int | tuple[int, int], name: str, minimum: int) -> tuple[in
     """Normalise an int or an inclusive (low, high) range and validate it."""
     if isinstance(value, bool):
         raise TypeError(f"{name} must be an int or a (low, high) tuple, got a bool")
-    if isinstance(value, int):
-        lo = hi = value
+    if isinstance(value, numbers.Integral):  # numpy ints too
+        lo = hi = int(value)
     else:
         try:
             lo, hi = (int(v) for v in value)
@@ -89,13 +90,14 @@ class EpisodeSampler(IndexedEpisodes, torch.utils.data.Dataset):
         self.source = source
         self.n_range = _as_range(n_way, "n_way", 1)
         self.k_range = _as_range(k_shot, "k_shot", 1)
-        if isinstance(q_query, bool) or not isinstance(q_query, int) or q_query < 0:
+        if isinstance(q_query, bool) or not isinstance(q_query, numbers.Integral) or q_query < 0:
             raise ValueError(f"q_query must be an int >= 0, got {q_query!r}")
         if num_episodes is not None and num_episodes < 0:
             raise ValueError(f"num_episodes must be >= 0 or None (unlimited), got {num_episodes}")
         if on_small_class not in ("error", "drop"):
             raise ValueError(f"on_small_class must be 'error' or 'drop', got {on_small_class!r}")
-        self.q_query, self.seed, self.num_episodes = q_query, int(seed), num_episodes
+        self.q_query, self.seed = int(q_query), int(seed)
+        self.num_episodes = None if num_episodes is None else int(num_episodes)
         self.eligible = self._eligible_classes(on_small_class)
         self._uniform_size = self._common_size()
         self._labels: dict[tuple[int, int], Tensor] = {}

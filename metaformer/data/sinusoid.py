@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -31,8 +32,15 @@ class SinusoidFamily(IndexedEpisodes):
         phase: tuple[float, float] = (0.0, math.pi),
         x_range: tuple[float, float] = (-5.0, 5.0),
     ) -> None:
+        for name, value in (("k_shot", k_shot), ("q_query", q_query), ("num_episodes", num_episodes)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+                raise TypeError(f"SinusoidFamily: {name} must be an int, got {value!r}")
         if k_shot < 1 or q_query < 0:
             raise ValueError(f"SinusoidFamily: need k_shot >= 1 and q_query >= 0, got {k_shot}, {q_query}")
+        if num_episodes is not None and num_episodes < 0:
+            raise ValueError(f"SinusoidFamily: num_episodes must be >= 0 or None (unlimited), got {num_episodes}")
+        k_shot, q_query = int(k_shot), int(q_query)
+        num_episodes = None if num_episodes is None else int(num_episodes)
         for name, (lo, hi) in (("amplitude", amplitude), ("phase", phase), ("x_range", x_range)):
             if not lo <= hi:
                 raise ValueError(f"SinusoidFamily: {name} must be (low, high) with low <= high, got {(lo, hi)}")

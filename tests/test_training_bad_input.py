@@ -1,0 +1,119 @@
+"""Training-side bad input: nothing of the user's is deleted or overwritten, and config mistakes are one clear
+ConfigError (the CLI's one-line error) instead of a traceback from deep inside the data or model classes."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from metaformer.data import EpisodeSampler, GlyphFamily, SinusoidFamily
+from metaformer.data.omniglot import load_omniglot
+from test_data_omniglot import make_zip
+from training.checkpoint import export_checkpoint
+from training.config import ConfigError, load_config
+from training.demo import run_demo
+from training.registry import build_episodes, build_model
+from training.trainer import train
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "training" / "configs" / "tiny.yaml"
+SINUSOID = REPO / "training" / "configs" / "sinusoid.yaml"
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_demo_refuses_to_be_pointed_at_a_folder_it_would_delete(tmp_path: Path) -> None:
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("mine")
+    for key in ("out_dir", "name", "model.name"):
+        with pytest.raises(ConfigError, match=f"sets {key} itself"):
+            run_demo(tmp_path / "demo", quick=True, extra=[f"{key}={precious}"], progress=False)
+    assert (precious / "notes.txt").read_text() == "mine"
+    assert not (tmp_path / "demo").exists()  # refused before anything was written
+    with pytest.raises(ConfigError, match="--budget-seconds"):
+        run_demo(tmp_path / "demo", budget_seconds=0.0, quick=True, progress=False)
+
+
+def test_training_into_a_checkpoint_folder_is_refused_and_a_finished_run_is_left_alone(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run = tmp_path / "run"
+    cfg = load_config(TINY, [f"out_dir={run}", "train.steps=4", "train.ckpt_every=2"])
+    train(cfg)
+    summary = (run / "summary.json").read_bytes()
+    assert json.loads(summary)["metrics"]  # a real summary, which the resume below must not wipe
+    again = train(cfg, resume=True)
+    assert again.step == 4 and again.checkpoint is not None and again.metrics == json.loads(summary)["metrics"]
+    assert "already at step 4" in capsys.readouterr().out
+    assert (run / "summary.json").read_bytes() == summary
+    lower = load_config(TINY, [f"out_dir={run}", "train.steps=2", "train.ckpt_every=2"])
+    assert train(lower, resume=True).step == 4  # train.steps below the last checkpoint: nothing trained
+    assert (run / "summary.json").read_bytes() == summary
+    export = export_checkpoint(run, tmp_path / "export")
+    config_before = (export / "config.yaml").read_bytes()
+    for resume in (False, True):
+        with pytest.raises(ConfigError, match="is a checkpoint.*train.init_from"):
+            train(load_config(TINY, [f"out_dir={export}", "train.steps=2"]), resume=resume)
+    assert (export / "config.yaml").read_bytes() == config_before
+
+
+@pytest.mark.parametrize(("config", "overrides", "match"), [
+    (SINUSOID, ["model.name=protonet", "model.options={}"], "is a classifier"),
+    (SINUSOID, ["model.name=maml"], r"model.options=\{\}"),  # the Meta-Transformer's options left in place
+    (TINY, ["model.backbone=nope"], "model.backbone"),
+])
+def test_model_config_mistakes_are_config_errors(config: Path, overrides: list[str], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        build_model(load_config(config, overrides))
+
+
+def test_the_sinusoid_recipe_of_its_config_header_works() -> None:
+    cfg = load_config(SINUSOID, ["model.name=maml", "model.options={}"])
+    assert type(build_model(cfg)).__name__ == "MAML"
+
+
+@pytest.mark.parametrize(("config", "overrides", "split", "match"), [
+    (TINY, ["data.options={foo: 1}"], "train", "foo"),
+    (TINY, ["data.image_size=4"], "train", "image_size"),
+    (SINUSOID, ["data.options={train_mirrors: true}"], "train", "train_mirrors"),
+    (SINUSOID, [], "tset", "no split 'tset'"),  # once evaluated silently on unnamed tasks
+])
+def test_data_config_mistakes_are_config_errors(config: Path, overrides: list[str], split: str, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        build_episodes(load_config(config, overrides), split)
+
+
+@pytest.mark.parametrize(("override", "match"), [("optim.lr=inf", "finite"), ("optim.betas=[a, b]", "betas")])
+def test_optimiser_values_that_cannot_train_are_refused(override: str, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        load_config(TINY, [override])
+
+
+def test_numpy_ints_and_bad_family_arguments() -> None:
+    sampler = EpisodeSampler(GlyphFamily("train", image_size=16), np.int64(3), np.int64(1), np.int64(2), seed=0)
+    ref = EpisodeSampler(GlyphFamily("train", image_size=16), 3, 1, 2, seed=0)
+    assert torch.equal(sampler[0].support_x, ref[0].support_x)
+    assert SinusoidFamily(np.int64(4), 2)[0].support_x.shape == (4, 1)
+    with pytest.raises(TypeError, match="k_shot must be an int"):
+        SinusoidFamily(2.5, 2)
+    with pytest.raises(ValueError, match="num_episodes must be >= 0"):
+        SinusoidFamily(2, 2, num_episodes=-3)
+
+
+def test_a_damaged_member_of_an_omniglot_zip_names_the_zip_and_the_fix(tmp_path: Path) -> None:
+    root = tmp_path / "omniglot"
+    root.mkdir()
+    path = make_zip(root, "background", {"Alpha": 2})
+    with zipfile.ZipFile(path) as zf:
+        info = zf.infolist()[1]
+        offset = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    data = bytearray(path.read_bytes())
+    data[offset + 40] ^= 0xFF  # inside the member's data: its CRC no longer matches
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"images_background.zip is damaged .*download it again"):
+        load_omniglot(tmp_path, ("background",), 28, cache_dir=tmp_path / "cache", download=False)
