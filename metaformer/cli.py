@@ -25,15 +25,22 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--config", default=None, help="config fixing the episodes (default: the first checkpoint's)")
     e.add_argument("--set", action="extend", nargs="+", metavar="KEY=VALUE", default=[], help="override config keys")
     e.add_argument("--episodes", type=int, default=None, help="number of evaluation episodes (default eval.episodes, 600)")
-    e.add_argument("--which", choices=("latest", "best"), default="latest", help="checkpoint of a run folder to use")
-    e.add_argument("--out", default=None, help="folder for eval.json and eval.md")
-    e.add_argument("--device", default="cpu")
+    e.add_argument("--which", choices=("latest", "best"), default="latest",
+                   help="checkpoint of a run folder to use; best (the best validation step, best.json) is refused for a "
+                   "run that recorded none")
+    e.add_argument("--out", default=None,
+                   help="folder for eval.json and eval.md (an earlier report there is replaced). Default: RUN/eval for one run "
+                   "folder, runs/eval/NAME for one step folder or exported model, runs/eval/comparison for several "
+                   "checkpoints; a default folder that already holds a report is kept, and the report goes to the "
+                   "next free FOLDER-2, FOLDER-3, ... (the command says where)")
+    e.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (CUDA when available)")
     e.add_argument("--data-root", default=None)
     e.add_argument("--no-progress", action="store_true")
 
     x = sub.add_parser("export", help="a weights-only copy of a checkpoint (weights, config, manifest) to share")
     x.add_argument("--checkpoint", required=True, help="a run folder (its latest or best checkpoint) or a step folder")
-    x.add_argument("--which", choices=("latest", "best"), default="latest", help="checkpoint of a run folder to use")
+    x.add_argument("--which", choices=("latest", "best"), default="latest",
+                   help="checkpoint of a run folder to use; best is refused for a run that recorded no validation result")
     x.add_argument("--out", required=True, help="new folder for the export (refused when it exists and is not empty)")
 
     c = sub.add_parser("compare", help="one table, with paired differences, from eval.json files of the same episodes")
@@ -55,9 +62,10 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--query", required=True, help="folder or file of unlabelled examples (images, .txt, .csv, .jsonl)")
     r.add_argument("--out", default=None, help="output file (.csv or .json); default: CSV on stdout")
     r.add_argument("--format", choices=("csv", "json"), default=None, help="output format (default: from --out's extension)")
-    r.add_argument("--device", default="cpu")
-    r.add_argument("--batch-size", type=int, default=64, help="examples per encoder forward pass")
-    r.add_argument("--inner-steps", type=int, default=None, help="MAML checkpoints: inner steps on the support set")
+    r.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (CUDA when available)")
+    r.add_argument("--batch-size", type=int, default=64, help="examples per encoder forward pass (>= 1)")
+    r.add_argument("--inner-steps", type=int, default=None,
+                   help="MAML checkpoints only: inner steps on the support set (>= 0)")
     return p
 
 
@@ -103,7 +111,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             try:
                 return run_compare(args)
-            except (ValueError, OSError) as exc:
+            except ValueError as exc:  # an OSError goes to the handler below, which names the path
                 print(f"metaformer compare: error: {exc}", file=sys.stderr)
                 return 2
         if args.command == "demo":
@@ -116,7 +124,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             try:
                 return run_predict(args)
-            except (InputError, ValueError, OSError) as exc:
+            except (InputError, ValueError) as exc:  # an OSError goes to the handler below, which names the path
                 print(f"metaformer predict: error: {exc}", file=sys.stderr)
                 return 2
     except TrainingInterrupted as exc:
@@ -136,7 +144,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ConfigError, CheckpointError) as exc:
         print(f"metaformer {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        print(f"metaformer {args.command}: error: {describe_os_error(exc)}", file=sys.stderr)
+        return 2
     return 1
+
+
+def describe_os_error(exc: OSError) -> str:
+    """One line for a failed file operation: the path(s) and the system's reason (no errno noise)."""
+    if exc.filename is None:
+        return str(exc)
+    paths = f"{exc.filename}" + (f" -> {exc.filename2}" if exc.filename2 is not None else "")
+    return f"{paths}: {exc.strerror or exc}; check that path (an existing file where a folder is needed, permissions, space)"
 
 
 def entry() -> NoReturn:

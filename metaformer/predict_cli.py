@@ -28,9 +28,11 @@ from typing import Any, Optional, Sequence
 
 from metaformer.data.images import IMAGE_EXTENSIONS
 
-__all__ = ["read_support", "read_queries", "write_predictions", "run_predict", "InputError"]
+__all__ = ["read_support", "read_queries", "write_predictions", "run_predict", "check_checkpoint_folder", "InputError"]
 
 TEXT_EXTENSIONS = (".txt",)
+# Text files are read as "utf-8-sig": Excel's "CSV UTF-8" and Windows editors start them with a byte-order mark,
+# which plain UTF-8 keeps as an invisible "\ufeff" glued to the first column name or example.
 _TEXT_KEYS = ("text", "raw", "sentence", "utterance")
 
 
@@ -52,7 +54,7 @@ def _kind(path: Path) -> str:
 def _read_text_file(path: Path) -> str:
     """The stripped content of a UTF-8 text file (an InputError names an unreadable or empty file)."""
     try:
-        text = path.read_text(encoding="utf-8").strip()
+        text = path.read_text(encoding="utf-8-sig").strip()
     except UnicodeDecodeError as exc:
         raise InputError(f"cannot read text file {path}: not valid UTF-8 ({exc.reason} at byte {exc.start}); "
                          "save it as UTF-8") from None
@@ -80,11 +82,11 @@ def _read_table(path: Path, need_label: bool) -> tuple[list[str], list[str], lis
     rows: list[dict[str, Any]] = []
     try:
         if path.suffix.lower() == ".csv":
-            with open(path, encoding="utf-8", newline="") as f:
+            with open(path, encoding="utf-8-sig", newline="") as f:
                 rows = list(csv.DictReader(f))
             where = lambda n: f"{path} row {n + 2}"  # noqa: E731 - header is line 1
         else:
-            with open(path, encoding="utf-8") as f:
+            with open(path, encoding="utf-8-sig") as f:
                 lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
             for n, line in lines:
                 try:
@@ -179,7 +181,7 @@ def read_queries(path: str | Path) -> tuple[list[str], list[Any], str]:
         return ids, texts, "text"
     if ext in TEXT_EXTENSIONS:
         try:
-            lines = path.read_text(encoding="utf-8").splitlines()
+            lines = path.read_text(encoding="utf-8-sig").splitlines()
         except UnicodeDecodeError as exc:
             raise InputError(f"cannot read text file {path}: not valid UTF-8 ({exc.reason}); save it as UTF-8") from None
         kept = [(str(n), line.strip()) for n, line in enumerate(lines, 1) if line.strip()]
@@ -211,20 +213,56 @@ def write_predictions(ids: Sequence[str], classes: Sequence[Any], probs: Any, fm
         Path(out).write_text(text, encoding="utf-8")
 
 
+def check_checkpoint_folder(path: str | Path, inner_steps: Optional[int] = None) -> None:
+    """Cheap checks of --checkpoint before any data is read: a few-shot checkpoint folder whose head fits --inner-steps."""
+    from metaformer.inference import MODEL_FILE
+
+    path = Path(path)
+    if not path.is_dir():
+        raise InputError(f"checkpoint folder {path} does not exist; pass the folder written by "
+                         "FewShotModel.save_pretrained or scripts/finetune_encoder.py")
+    meta_file = path / MODEL_FILE
+    if not meta_file.is_file():
+        # scripts/finetune_encoder.py writes OUT/checkpoint: passing OUT is the usual slip
+        below = [d for d in _visible(path) if d.is_dir() and (d / MODEL_FILE).is_file()]
+        if below:
+            hint = f"did you mean {below[0]}?" if len(below) == 1 else \
+                f"did you mean one of {', '.join(str(d) for d in below[:3])}{' ...' if len(below) > 3 else ''}?"
+        else:
+            hint = "pass the folder written by FewShotModel.save_pretrained or scripts/finetune_encoder.py"
+        raise InputError(f"{path} is not a few-shot checkpoint (it has no {MODEL_FILE}); {hint}")
+    if inner_steps is not None:
+        try:
+            head = json.loads(meta_file.read_text(encoding="utf-8")).get("head")
+        except (ValueError, AttributeError):
+            return  # a damaged file: loading the checkpoint reports it
+        if head != "maml":
+            raise InputError(f"--inner-steps applies to MAML checkpoints only; {path} holds a {head!r} head: "
+                             "drop --inner-steps")
+
+
 def run_predict(args: Any) -> int:
     """The predict subcommand: load, fit on the support set, predict the queries, write the output."""
-    from metaformer.inference import FewShotPredictor
+    from metaformer.inference import FewShotModel, FewShotPredictor
+    from training.eval_cli import check_device
 
+    # the options first, each with its own message, before any file is read or the model is loaded
+    device = check_device(args.device)
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.inner_steps is not None and args.inner_steps < 0:
+        raise InputError(f"--inner-steps must be >= 0, got {args.inner_steps}")
+    check_checkpoint_folder(args.checkpoint, args.inner_steps)
     fmt = args.format or ("json" if args.out and str(args.out).lower().endswith(".json") else "csv")
     s_items, s_labels, s_mod = read_support(args.support)
     q_ids, q_items, q_mod = read_queries(args.query)
     if s_mod != q_mod:
         raise InputError(f"the support set holds {s_mod} but the queries hold {q_mod}; use one modality")
     try:
-        predictor = FewShotPredictor.from_pretrained(args.checkpoint, device=args.device, batch_size=args.batch_size,
-                                                     inner_steps=args.inner_steps)
+        model = FewShotModel.from_pretrained(args.checkpoint, map_location="cpu")
     except (FileNotFoundError, ValueError) as exc:
         raise InputError(f"cannot load checkpoint {args.checkpoint}: {exc}") from None
+    predictor = FewShotPredictor(model, device=device, batch_size=args.batch_size, inner_steps=args.inner_steps)
     if predictor.modality != q_mod:
         raise InputError(f"the queries ({args.query}) are {q_mod} but the checkpoint's model reads {predictor.modality}; "
                          f"pass {predictor.modality} examples")

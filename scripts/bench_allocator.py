@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 OPTIONS = {
@@ -65,19 +66,36 @@ def run(method: str, tuned: bool, steps: int, data_root: str | None) -> dict:
     return json.loads(lines[-1][7:])
 
 
-def main() -> int:
+def known_methods() -> list[str]:
+    """The methods a cell can run: those with a training/configs/omniglot_5w1s_<method>.yaml (what the child loads)."""
+    return sorted(p.name[len("omniglot_5w1s_"):-len(".yaml")]
+                  for p in (ROOT / "training" / "configs").glob("omniglot_5w1s_*.yaml"))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the cells and print a markdown table."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--methods", default="protonet,meta_transformer,maml")
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--data-root", default=None)
+    ap.add_argument("--methods", default="protonet,meta_transformer,maml",
+                    help=f"comma-separated subset of {','.join(known_methods())}")
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per cell (>= 1)")
+    ap.add_argument("--data-root", default=None, help="folder holding omniglot/images_background.zip")
     ap.add_argument("--md-out", default=None)
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
+    # checked here: in a child, a bad value becomes a traceback about its config file or a division by zero
+    methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in known_methods()]
+    if unknown or not methods:
+        problem = f"unknown method(s) {', '.join(unknown)}" if unknown else "--methods is empty"
+        ap.error(f"{problem}; choose a comma-separated subset of {', '.join(known_methods())}")
+    if a.steps < 1:
+        ap.error(f"--steps must be >= 1 timed steps per cell, got {a.steps}")
+    if a.data_root and not Path(a.data_root).is_dir():
+        ap.error(f"--data-root {a.data_root} is not a folder; pass the folder holding omniglot/images_background.zip")
     load0 = os.getloadavg()
     t0 = time.time()
     rows = ["| method | allocator | ms / step | user ms | sys ms | page faults / step | peak RSS (MiB) | speed-up |",
             "|---|---|---|---|---|---|---|---|"]
-    for m in a.methods.split(","):
+    for m in methods:
         base = run(m, False, a.steps, a.data_root)
         tuned = run(m, True, a.steps, a.data_root)
         for label, r in (("glibc default", base), ("tuned", tuned)):

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -127,14 +127,33 @@ def measure(repeats: int, threads: int) -> dict:
     return {"kernels": str(op.cpu_kernels()), "rows": rows}
 
 
-def main() -> None:
+def run_child(cmd: list[str], env: dict[str, str], what: str) -> dict:
+    """Run one measuring child and parse the JSON of its last line; a failed child ends the run with its stderr."""
+    p = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+    lines = p.stdout.strip().splitlines()
+    try:
+        if p.returncode == 0 and lines:
+            return json.loads(lines[-1])
+    except ValueError:
+        pass  # reported below with the child's output
+    tail = "\n".join((p.stderr.strip() or p.stdout.strip() or "(no output)").splitlines()[-20:])
+    raise SystemExit(f"bench_block_ops.py: the child for {what} failed (exit status {p.returncode}); the end of its "
+                     f"output:\n{tail}")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
     """Run one child per kernel setting and print a markdown table."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (>= 1)")
+    ap.add_argument("--repeats", type=int, default=30, help="timed calls per row, median reported (>= 1)")
     ap.add_argument("--md-out", default=None)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
+    # checked here: a child's own error would only surface as its exit status
+    if a.threads < 1:
+        ap.error(f"--threads must be >= 1, got {a.threads}")
+    if a.repeats < 1:
+        ap.error(f"--repeats must be >= 1 (the median of that many calls), got {a.repeats}")
     if a.child:
         print(json.dumps(measure(a.repeats, a.threads)))
         return
@@ -144,8 +163,7 @@ def main() -> None:
     for simd in ("1", "avx2", "0"):
         env = {**os.environ, "METAFORMER_SIMD": simd, "OMP_NUM_THREADS": str(a.threads)}
         cmd = [sys.executable, __file__, "--child", "--threads", str(a.threads), "--repeats", str(a.repeats)]
-        out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, check=True).stdout
-        res = json.loads(out.strip().splitlines()[-1])
+        res = run_child(cmd, env, f"METAFORMER_SIMD={simd}")
         results.setdefault(res["kernels"], res)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     lines = [

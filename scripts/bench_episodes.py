@@ -11,6 +11,7 @@ import argparse
 import os
 import time
 from pathlib import Path
+from typing import Optional, Sequence
 
 import torch
 
@@ -49,7 +50,7 @@ def rate_loader(sampler: EpisodeSampler, tasks: int, workers: int, num_batches: 
     return t1 - t0, count / (time.perf_counter() - t1)
 
 
-def main() -> None:
+def main(argv: Optional[Sequence[str]] = None) -> None:
     """Parse arguments, load Omniglot from the cache and print episodes/s per setting."""
     default_root = os.environ.get("METAFORMER_DATA_ROOT") or str(Path(__file__).resolve().parents[2] / "shared" / "data")
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -58,7 +59,17 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=3.0, help="time per single-process measurement")
     p.add_argument("--tasks", type=int, default=32, help="tasks per batch for batched / loader measurements")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads in the main process")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    # checked before the data set loads: torch, the sampler and the loader would fail later with less to go on
+    for opt, value, ok, need in (("--workers", args.workers, args.workers >= 0, ">= 0"),
+                                 ("--seconds", args.seconds, args.seconds > 0, "> 0"),
+                                 ("--tasks", args.tasks, args.tasks >= 1, ">= 1"),
+                                 ("--threads", args.threads, args.threads >= 1, ">= 1")):
+        if not ok:
+            p.error(f"{opt} must be {need}, got {value}")
+    if not Path(args.data_root).is_dir():
+        p.error(f"--data-root {args.data_root} is not a folder; pass the folder holding omniglot/images_background.zip "
+                "(or set $METAFORMER_DATA_ROOT)")
     torch.set_num_threads(args.threads)
 
     t0 = time.perf_counter()

@@ -19,7 +19,7 @@ import json
 import platform
 import statistics
 import time
-from typing import Callable
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -117,20 +117,21 @@ def bench_case(name: str, shapes: list[tuple[int, ...]], tasks: int, device: tor
     return rows
 
 
-def main() -> None:
+def main(argv: Optional[Sequence[str]] = None) -> None:
     """Run every case on the chosen devices and print one markdown table."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="few repetitions and no 64M case: a smoke run")
     ap.add_argument("--device", default="all", choices=["cpu", "cuda", "all"])
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     devices = []
     if args.device in ("cpu", "all"):
         devices.append(torch.device("cpu"))
     if args.device in ("cuda", "all") and torch.cuda.is_available():
         devices.append(torch.device("cuda"))
     if args.device == "cuda" and not devices:
-        raise SystemExit("bench_inner_update: --device cuda but torch.cuda.is_available() is False")
+        ap.error(f"--device cuda: torch {torch.__version__} sees no CUDA device on this machine; run on a GPU machine "
+                 "or use --device cpu")
     repeats, min_seconds = (3, 0.3) if args.quick else (7, 2.0)
     cases = [("conv-4", conv4_shapes(), 1), ("conv-4", conv4_shapes(), 32), ("sinusoid MLP", mlp_shapes(), 25),
              ("16M", [(16 * 2**20,)], 1)]

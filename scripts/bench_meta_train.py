@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""MAML meta-training speed of the metaformer heads side by side with learn2learn, higher, TorchOpt and a
+r"""MAML meta-training speed of the metaformer heads side by side with learn2learn, higher, TorchOpt and a
 plain PyTorch loop, on the same network, batch and initial weights, checking that the meta-gradients agree.
 
 Setups (those of ../shared/bench/peers_maml.py, whose child processes run the peers):
@@ -40,7 +40,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -260,23 +260,62 @@ def run_child(cmd: list[str], isa: str = "native") -> dict:
     return r
 
 
+ORDERS = ("so", "fo")  # second order, first order
+
+
+def csv_list(value: str) -> list[str]:
+    """The non-empty items of a comma-separated option value."""
+    return [x.strip() for x in value.split(",") if x.strip()]
+
+
+def peers_available(a: argparse.Namespace) -> bool:
+    """Whether the peers' interpreter and script exist (without them only our implementations run)."""
+    return shutil.which(a.peers_python) is not None and Path(a.peers_script).exists()
+
+
+def argument_problem(a: argparse.Namespace) -> Optional[str]:
+    """What is wrong with the parent's cell options (each named with its valid values), or None."""
+    lists = (("--configs", a.configs, list(CONFIGS)), ("--orders", a.orders, list(ORDERS)),
+             ("--impls", a.impls, PEER_IMPLS + OUR_IMPLS))
+    for opt, value, valid in lists:
+        items = csv_list(value)
+        unknown = [x for x in items if x not in valid]
+        if unknown or not items:
+            problem = f"unknown value(s) {', '.join(unknown)}" if unknown else "empty"
+            return f"{opt}: {problem}; give a comma-separated subset of {','.join(valid)}"
+    try:
+        steps = [int(x) for x in csv_list(a.steps_list)]
+    except ValueError:
+        steps = []
+    if not steps or min(steps) < 1:
+        return f"--steps-list {a.steps_list!r}: give comma-separated inner-step counts >= 1, e.g. 1,5"
+    for opt, value, low in (("--threads", a.threads, 1), ("--warmup", a.warmup, 0), ("--timed", a.timed, 1),
+                            ("--sine-timed", a.sine_timed, 1)):
+        if value < low:
+            return f"{opt} must be >= {low}, got {value}"
+    if not peers_available(a) and not any(i in OUR_IMPLS for i in csv_list(a.impls)):
+        return (f"--impls {a.impls}: only peer implementations, and the peers are not found ({a.peers_python}, "
+                f"{a.peers_script}); pass --peers-python / --peers-script, or add {' or '.join(OUR_IMPLS)}")
+    return None
+
+
 def main_parent(a: argparse.Namespace) -> None:
     """Run every (setup, steps, order, implementation) cell and print the table."""
-    peers_ok = shutil.which(a.peers_python) is not None and Path(a.peers_script).exists()
+    peers_ok = peers_available(a)
     if not peers_ok:
         print(f"# peers not found ({a.peers_python}, {a.peers_script}): running metaformer and nothing else", flush=True)
-    impls = [i for i in a.impls.split(",") if i and (peers_ok or i in OUR_IMPLS)]
+    impls = [i for i in csv_list(a.impls) if peers_ok or i in OUR_IMPLS]
     results = []
     load = os.getloadavg()
     print(f"# threads={a.threads} warmup={a.warmup} timed={a.timed} load average at start {load}", flush=True)
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench_meta_train_") as tmp:
-        for config in a.configs.split(","):
+        for config in csv_list(a.configs):
             model, batch = initial_setup(config, a.seed)
             shared = os.path.join(tmp, f"{config}.pt")
             torch.save({"init": model.state_dict(), "batch": batch}, shared)
-            for steps in [int(s) for s in a.steps_list.split(",")]:
-                for order in a.orders.split(","):
+            for steps in [int(s) for s in csv_list(a.steps_list)]:
+                for order in csv_list(a.orders):
                     grads, ref64 = {}, None
                     if peers_ok:
                         gout = os.path.join(tmp, f"ref64_{config}_{steps}_{order}.pt")
@@ -423,13 +462,14 @@ def table_rows(results: list[dict], gpu: bool) -> list[str]:
     return lines
 
 
-def main() -> None:
+def main(argv: Optional[Sequence[str]] = None) -> None:
     """Parse arguments; run as parent (the table) or as one cell's child."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--configs", default="omniglot,sinusoid")
-    ap.add_argument("--steps-list", default="1,5")
-    ap.add_argument("--orders", default="so,fo")
-    ap.add_argument("--impls", default=",".join(PEER_IMPLS + OUR_IMPLS))
+    ap.add_argument("--configs", default="omniglot,sinusoid", help=f"comma-separated subset of {','.join(CONFIGS)}")
+    ap.add_argument("--steps-list", default="1,5", help="comma-separated inner-step counts (>= 1)")
+    ap.add_argument("--orders", default="so,fo", help="so (second order), fo (first order) or both")
+    ap.add_argument("--impls", default=",".join(PEER_IMPLS + OUR_IMPLS),
+                    help=f"comma-separated subset of {','.join(PEER_IMPLS + OUR_IMPLS)}")
     ap.add_argument("--warmup", type=int, default=1, help="extra warm-up steps after the gradient-check step")
     ap.add_argument("--timed", type=int, default=3, help="timed steps (omniglot)")
     ap.add_argument("--sine-timed", type=int, default=20, help="timed steps (sinusoid)")
@@ -448,8 +488,11 @@ def main() -> None:
         ap.add_argument(opt, help=argparse.SUPPRESS)
     ap.add_argument("--steps", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     if not a.child:
+        problem = argument_problem(a)
+        if problem:  # before any child runs: a bad value would otherwise be filtered out or crash mid-run
+            ap.error(problem)
         try:
             dev = torch.device(a.device)
         except RuntimeError as exc:

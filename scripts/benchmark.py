@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The results suite: every method on the same backbone and the same fixed test episodes, one table.
+r"""The results suite: every method on the same backbone and the same fixed test episodes, one table.
 
 For each setting (Omniglot on the alphabet-level split of the background alphabets, the procedural glyph
 family, the sinusoid family) and each method (Meta-Transformer in-context, MAML, FOMAML, ANIL, Meta-SGD,
@@ -63,6 +63,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -74,7 +75,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from training.config import Config, config_from_dict, load_config  # noqa: E402
+from training.config import Config, config_from_dict, load_config, resolve_data_root  # noqa: E402
 from training.evaluation import EvalResult, evaluate, paired_difference, same_episodes  # noqa: E402
 
 CONFIG_DIR = ROOT / "training" / "configs"
@@ -376,6 +377,7 @@ def _child_main(spec_path: str) -> int:
     try:
         res = run_cell(spec)
     except Exception as exc:  # noqa: BLE001 - the parent reports the failed cell in the table and goes on
+        traceback.print_exc()  # the RESULT line has only the message; a failed cell's saved stderr has the traceback
         res = {"status": "failed", "error": f"{type(exc).__name__}: {str(exc)[:400]}"}
     print("RESULT " + json.dumps(res), flush=True)
     return 0
@@ -387,9 +389,15 @@ def _failed(spec: CellSpec, error: str) -> dict:
             "label": METHODS[spec.method], "error": error}
 
 
+def cell_stderr_path(stderr_dir: Path, spec: CellSpec) -> Path:
+    """Where run_cells keeps the stderr of a failed child cell."""
+    return Path(stderr_dir) / f"{Setting(**spec.setting).key}_{spec.method}.stderr.log"
+
+
 def run_cells(specs: Sequence[CellSpec], jobs: int = 1, in_process: bool = False, log: Any = print,
-              timeout_s: Optional[float] = None) -> list[dict]:
-    """Run the cells, `jobs` child processes at a time (or all in this process); results in spec order."""
+              timeout_s: Optional[float] = None, stderr_dir: Optional[Path] = None) -> list[dict]:
+    """Run the cells, `jobs` child processes at a time (or all in this process); results in spec order. With
+    ``stderr_dir``, the whole stderr of each failed child cell is kept there (cell_stderr_path)."""
     if in_process:
         results = []
         for spec in specs:
@@ -432,16 +440,22 @@ def run_cells(specs: Sequence[CellSpec], jobs: int = 1, in_process: bool = False
                 out = out_f.read()
                 out_f.close()
                 running.remove(item)
+                err.seek(0)
+                err_text = err.read()
+                err.close()
                 lines = [x for x in out.splitlines() if x.startswith("RESULT ")]
                 if lines:
                     r = json.loads(lines[-1][len("RESULT "):])
                     if r.get("status") != "ok":
                         r = _failed(specs[i], r.get("error", "unknown error"))
                 else:
-                    err.seek(0)
-                    tail = [x for x in err.read().strip().splitlines() if x.strip()][-1:] or [f"exit status {p.returncode}"]
+                    tail = [x for x in err_text.strip().splitlines() if x.strip()][-1:] or [f"exit status {p.returncode}"]
                     r = _failed(specs[i], f"child exited with status {p.returncode}: {tail[0][:300]}")
-                err.close()
+                if stderr_dir is not None and r.get("status") != "ok":
+                    # the temporary folder goes with this call; the traceback must outlive it
+                    path = cell_stderr_path(stderr_dir, specs[i])
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_text(err_text)
                 r["child_wall_s"] = time.perf_counter() - t0
                 r["rss_scope"] = "cell (own child process)"
                 _log_cell(r, log)
@@ -848,11 +862,15 @@ def parse_setting(key: str) -> Setting:
     source, _, shape = key.partition("-")
     try:
         if source == "sinusoid":
-            return Setting(source, 0, int(shape.rstrip("s")))
-        n, k = shape.rstrip("s").split("w")
-        return Setting(source, int(n), int(k))
+            setting = Setting(source, 0, int(shape.rstrip("s")))
+        else:
+            n, k = shape.rstrip("s").split("w")
+            setting = Setting(source, int(n), int(k))
     except ValueError:
         raise ValueError(f"setting {key!r} must look like omniglot-5w1s, glyph-20w5s or sinusoid-10s") from None
+    if setting.k_shot < 1 or (source != "sinusoid" and setting.n_way < 1):
+        raise ValueError(f"setting {key!r}: the ways and shots must be at least 1, e.g. glyph-5w1s or sinusoid-10s")
+    return setting
 
 
 def _fmt_score(r: dict) -> str:
@@ -1282,6 +1300,30 @@ def write_report(results: Sequence[dict], specs: Sequence[CellSpec], suite: Suit
 
 
 # ---------------------------------------------------------------------------------------------- main
+class SuiteFailed(RuntimeError):
+    """Every cell of a suite run failed: no report was written (the message says where the errors are)."""
+
+
+def default_work(suite: Suite) -> Path:
+    """The scratch folder of the cells' run folders when --work is not given."""
+    return Path(tempfile.gettempdir()) / "metaformer_benchmark" / suite.name
+
+
+def write_failure_log(results: Sequence[dict], specs: Sequence[CellSpec], work: Path, in_process: bool) -> Path:
+    """<work>/failed_cells.log: each failed cell's error and, for a child cell, the file holding its stderr."""
+    lines = []
+    for r, spec in zip(results, specs):
+        if r.get("status") == "ok":
+            continue
+        lines.append(f"{r['setting']} {r['label']}: {r.get('error')}")
+        if not in_process and cell_stderr_path(work, spec).is_file():
+            lines.append(f"    stderr (traceback): {cell_stderr_path(work, spec)}")
+    path = Path(work) / "failed_cells.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def run_suite(suite: Suite, out: Path, methods: Sequence[str], settings: Sequence[Setting], threads: int = 1,
               jobs: Optional[int] = None, work: Optional[Path] = None, device: str = "cpu",
               minutes: Optional[float] = None, episodes: Optional[int] = None, extra: Sequence[str] = (),
@@ -1290,16 +1332,24 @@ def run_suite(suite: Suite, out: Path, methods: Sequence[str], settings: Sequenc
               gpu: Optional[dict] = None, panels: Sequence[Panel] = (),
               peers_python: Optional[str] = None) -> dict[str, Path]:
     """Run every cell of the suite, then the panels and the peer cell if asked, and write the report; returns the
-    paths written."""
+    paths written. Raises ValueError when there is no cell to run, and SuiteFailed (before any panel runs or any
+    file under ``out`` is written) when every cell failed."""
     t0 = time.perf_counter()
     load_start = tuple(round(x, 2) for x in os.getloadavg())
     machine = machine_info(device)  # before any output is written: "dirty" must describe the code that ran
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M")
-    work = work or Path(tempfile.gettempdir()) / "metaformer_benchmark" / suite.name
+    work = work or default_work(suite)
     jobs = suite.jobs if jobs is None else jobs
     specs = make_specs(suite, methods, settings, work, threads, device, minutes, episodes, extra, data_root)
+    if not specs:
+        raise ValueError(no_cells_message(methods, settings))
     log(f"[bench] suite {suite.name}: {len(specs)} cells, {jobs} at a time, {threads} thread(s) each; runs in {work}")
-    results = run_cells(specs, jobs, in_process, log)
+    results = run_cells(specs, jobs, in_process, log, stderr_dir=work)
+    if not _ok(results):
+        # a report of failed rows only would replace the last real one (docs/RESULTS.md by default) with nothing
+        failures = write_failure_log(results, specs, work, in_process)
+        raise SuiteFailed(f"all {len(results)} cell(s) failed, so no report was written (anything already in {out} "
+                          f"is left as it was); the errors are in {failures}")
     panel_runs = run_panels(panels, out / "results", suite.name, data_root, peers_python, log,
                             git={"commit": machine["commit"], "dirty": machine["dirty"]})
     if peers is None:
@@ -1344,6 +1394,82 @@ def report_from_json(path: Path, out: Path, panels: Sequence[Panel] = (), data_r
         peers = peers_from_panels(stored) or peers
     return write_report(results, [CellSpec(**c) for c in cells], suite, out, meta, peers,
                         gpu if gpu is not None else data.get("gpu_run"), stored)
+
+
+def parse_methods(value: str) -> list[str]:
+    """A comma-separated --methods value as a list of METHODS keys, first occurrence of each kept, in order."""
+    # a repeated method would be two cells in the same run folder at once, and a paired row against itself
+    methods = list(dict.fromkeys(m.strip() for m in value.split(",") if m.strip()))
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    if not methods:
+        raise ValueError(f"--methods is empty; give a comma-separated subset of {','.join(METHODS)}")
+    return methods
+
+
+def parse_settings(value: Optional[str], suite: Suite) -> list[Setting]:
+    """A comma-separated --settings value (default: the suite's) as Settings, first occurrence of each kept."""
+    if not value:  # --settings "" has always meant the suite's own
+        return list(suite.settings)
+    settings = list(dict.fromkeys(parse_setting(s.strip()) for s in value.split(",") if s.strip()))
+    if not settings:
+        raise ValueError("--settings is empty; give e.g. omniglot-5w1s,sinusoid-10s, or leave it out for the suite's")
+    bad = [s.key for s in settings if s.source not in suite.plans]
+    if bad:
+        raise ValueError(f"unknown source in {', '.join(bad)}; sources: {', '.join(suite.plans)}")
+    return settings
+
+
+def no_cells_message(methods: Sequence[str], settings: Sequence[Setting]) -> str:
+    """Why a choice of methods and settings has no cell, with each pair's reason."""
+    reasons = [f"{METHODS[m]} on {s.key}: {skip_reason(s, m)}" for s in settings for m in methods if skip_reason(s, m)]
+    return ("no cell to run: " + ("; ".join(reasons) if reasons else "no method or no setting given")
+            + ". Choose --methods and --settings that have cells (classifiers skip the sinusoid, the transfer "
+            "baselines skip glyph)")
+
+
+def device_problem(device: str) -> Optional[str]:
+    """Why --device cannot run the cells on this machine, or None when it can."""
+    if device in ("cpu", "auto"):  # auto: the trainer picks CUDA when present, else the CPU
+        return None
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        return f"--device {device}: not a device; use cpu, cuda or cuda:N"
+    if dev.type != "cuda":
+        return f"--device {device}: the suite runs on cpu, cuda or cuda:N only"
+    if not torch.cuda.is_available():
+        return (f"--device {device}: torch {torch.__version__} sees no CUDA device on this machine; run on a GPU "
+                "machine with a CUDA build of torch, or use --device cpu")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        return (f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 to "
+                f"cuda:{torch.cuda.device_count() - 1}")
+    return None
+
+
+def data_problem(specs: Sequence[CellSpec]) -> Optional[str]:
+    """Why the cells that read Omniglot cannot find it (no data folder, or no background zip), or None."""
+    from metaformer.data.omniglot import default_cache_dir, find_omniglot_dir
+
+    for spec in specs:
+        cfg = config_from_dict(spec.config)
+        if cfg.data.source != "omniglot":
+            continue
+        key = Setting(**spec.setting).key
+        fix = ("pass --data-root DIR (the folder holding omniglot/images_background.zip) or set "
+               f"$METAFORMER_DATA_ROOT, or leave {key} out of --settings")
+        root = resolve_data_root(cfg, spec.data_root)
+        if root is None:
+            return f"the {key} cells need the Omniglot data folder and none was found: {fix}"
+        if not root.is_dir():
+            return f"data root {root} (needed by the {key} cells) is not a folder: {fix}"
+        # the loader also takes a zip from its download cache (metaformer.data.omniglot's _locate_zip)
+        sets = ["background"] + (["evaluation"] if cfg.data.options.get("split_scheme", "vinyals") == "vinyals" else [])
+        for name in (f"images_{x}.zip" for x in sets):
+            if not any(p.is_file() for p in (find_omniglot_dir(root) / name, default_cache_dir() / "downloads" / name)):
+                return f"data root {root} (needed by the {key} cells) has no omniglot/{name}: {fix}"
+    return None
 
 
 def recipe_main(a: argparse.Namespace, argv: Optional[Sequence[str]]) -> int:
@@ -1433,25 +1559,43 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     if not a.suite:
         ap.error("--suite is required (quick or full)")
-    methods = [m.strip() for m in a.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        ap.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     suite = SUITES[a.suite]
     try:
-        settings = [parse_setting(s.strip()) for s in a.settings.split(",")] if a.settings else list(suite.settings)
+        methods = parse_methods(a.methods)
+        settings = parse_settings(a.settings, suite)
     except ValueError as exc:
         ap.error(str(exc))
-    bad = [s.key for s in settings if s.source not in suite.plans]
-    if bad:
-        ap.error(f"unknown source in {', '.join(bad)}; sources: {', '.join(suite.plans)}")
     if a.threads < 1 or (a.jobs is not None and a.jobs < 1):
         ap.error("--threads and --jobs must be >= 1")
+    if a.minutes is not None and not (math.isfinite(a.minutes) and a.minutes > 0):
+        ap.error(f"--minutes must be a positive number of minutes of meta-training per cell, got {a.minutes:g} "
+                 "(leave it out for the suite's own budget)")
+    if a.episodes is not None and a.episodes < 1:
+        ap.error(f"--episodes must be >= 1 test episodes per cell, got {a.episodes} (leave it out for the suite's)")
+    problem = device_problem(a.device)
+    if problem:
+        ap.error(problem)
+    # every check that the cells would otherwise fail one by one, made here before anything runs or is written
+    work = Path(a.work) if a.work else None
+    try:
+        specs = make_specs(suite, methods, settings, work or default_work(suite), a.threads, a.device, a.minutes,
+                           a.episodes, a.set, a.data_root)
+    except ValueError as exc:  # ConfigError included: a --set override or a setting the configs reject
+        ap.error(f"cannot build the cells: {exc}")
+    if not specs:
+        ap.error(no_cells_message(methods, settings))
+    problem = data_problem(specs)
+    if problem:
+        ap.error(problem)
     peers = load_peers(Path(a.peers_json)) if a.peers_json else None
     command = "scripts/benchmark.py " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
-    run_suite(suite, Path(a.out), methods, settings, a.threads, a.jobs, Path(a.work) if a.work else None, a.device,
-              a.minutes, a.episodes, a.set, peers, not a.no_peers, data_root=a.data_root, command=command, gpu=gpu,
-              panels=panels, peers_python=a.peers_python)
+    try:
+        run_suite(suite, Path(a.out), methods, settings, a.threads, a.jobs, work, a.device, a.minutes, a.episodes,
+                  a.set, peers, not a.no_peers, data_root=a.data_root, command=command, gpu=gpu, panels=panels,
+                  peers_python=a.peers_python)
+    except SuiteFailed as exc:
+        print(f"benchmark.py: {exc}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import math
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -130,10 +131,14 @@ def save_checkpoint(
 
 def export_checkpoint(src: Union[str, Path], dest: Union[str, Path], *, which: str = "latest") -> Path:
     """Write a verified weights-only copy of a checkpoint (weights, config, manifest; no trainer state) to `dest`."""
-    ckpt = read_checkpoint(src, with_trainer_state=False, which=which)
     dest = Path(dest)
-    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+    if dest.is_dir() and any(dest.iterdir()):
         raise CheckpointError(f"{dest} exists and is not empty; pass a new folder (an export never overwrites)")
+    problem = folder_problem(dest)
+    if problem:
+        raise CheckpointError(f"cannot create the export folder {dest}: {problem}; pass --out a new folder in a "
+                              "writable place")
+    ckpt = read_checkpoint(src, with_trainer_state=False, which=which)
     meta = json.loads((ckpt.path / META_FILE).read_text())
 
     def fill(tmp: Path) -> None:
@@ -151,6 +156,22 @@ def export_checkpoint(src: Union[str, Path], dest: Union[str, Path], *, which: s
         dest.rmdir()  # empty: atomic_write_dir renames the finished folder into place
     atomic_write_dir(dest, fill)
     return dest
+
+
+def folder_problem(folder: Union[str, Path]) -> Optional[str]:
+    """Why `folder` cannot be used or created as an output folder (a file in the way, no write access), or None."""
+    folder = Path(folder)
+    if folder.exists():
+        if not folder.is_dir():
+            return f"{folder} is a file, not a folder"
+        return None if os.access(folder, os.W_OK | os.X_OK) else f"{folder} is not writable"
+    # the nearest existing ancestor decides whether the missing folders can be created
+    parent = next((p for p in folder.parents if p.exists()), None)
+    if parent is None:
+        return None
+    if not parent.is_dir():
+        return f"{parent} is a file, not a folder"
+    return None if os.access(parent, os.W_OK | os.X_OK) else f"{parent} is not writable"
 
 
 def list_checkpoints(run_dir: Union[str, Path]) -> list[Path]:
@@ -203,16 +224,28 @@ def resolve_checkpoint(path: Union[str, Path], which: str = "latest") -> Path:
         raise CheckpointError(f"checkpoint path {path} does not exist")
     if (path / META_FILE).is_file() or (path / WEIGHTS_FILE).is_file():
         return path
-    if which == "best":
-        best = read_best(path)
-        if best and (path / best["dir"]).is_dir():
-            return path / best["dir"]
     ckpts = list_checkpoints(path)
     if not ckpts:
         raise CheckpointError(
             f"{path} holds no checkpoint (no step-XXXXXXXX folder with {META_FILE}); "
             "pass a run folder written by `metaformer train` or one of its step folders"
         )
+    if which == "best":
+        # Refused rather than falling back to the latest: a report labelled "best" must not hold another step.
+        best = read_best(path)
+        if not isinstance(best, dict):
+            raise CheckpointError(
+                f"--which best: {path} has no readable {BEST_FILE} (the run recorded no validation result: "
+                f"train.val_every=0, or it stopped before its first validation); pass --which latest, or a step "
+                f"folder such as {ckpts[-1]}")
+        best_dir = path / str(best.get("dir", ""))
+        if not best.get("dir") or not (best_dir / META_FILE).is_file():
+            raise CheckpointError(
+                f"--which best: {path / BEST_FILE} names {best.get('dir')!r}, which is not a checkpoint folder of "
+                f"the run; pass --which latest, or a step folder such as {ckpts[-1]}")
+        return best_dir
+    if which != "latest":
+        raise CheckpointError(f"which must be 'latest' or 'best', got {which!r}")
     return ckpts[-1]
 
 

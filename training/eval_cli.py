@@ -4,35 +4,96 @@ from __future__ import annotations
 
 import argparse
 import copy
+import re
+import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
 from training import checkpoint as ckpt_io
-from training.config import Config, load_config, max_ways
+from training.config import Config, ConfigError, load_config, max_ways
 from training.evaluation import EvalResult, combine_reports, evaluate, report_markdown, write_report
-from training.registry import build_episodes, build_model
+from training.registry import build_episodes, build_model, is_regression
+
+
+def check_device(name: str | torch.device, option: str = "--device") -> torch.device:
+    """The torch device named by a --device option (auto, cpu, cuda, cuda:N); a ConfigError names an unusable one."""
+    if isinstance(name, torch.device):
+        name = str(name)
+    name = str(name).strip().lower()
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return torch.device("cpu")
+    m = re.fullmatch(r"cuda(?::(\d+))?", name)
+    if m is None:
+        raise ConfigError(f"{option} must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if not torch.cuda.is_available():
+        why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise ConfigError(f"{option} {name}: CUDA is not available ({why}); use {option} cpu")
+    if m.group(1) is not None and int(m.group(1)) >= torch.cuda.device_count():
+        raise ConfigError(f"{option} {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                          f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return torch.device(name)
+
+
+def _task(cfg: Config) -> str:
+    return "regression" if is_regression(cfg) else "classification"
+
+
+def check_fits(ckpt: ckpt_io.Checkpoint, episodes_cfg: Config, episodes_from: str = "") -> None:
+    """Refuse (CheckpointError) a checkpoint that cannot run on the episodes of `episodes_cfg` (task type, ways)."""
+    trained_on = ckpt.config.data
+    src = f" (from {episodes_from})" if episodes_from else ""
+    if is_regression(ckpt.config) != is_regression(episodes_cfg):
+        raise ckpt_io.CheckpointError(
+            f"checkpoint {ckpt.path} is a {_task(ckpt.config)} model (data.source={trained_on.source}) but the "
+            f"evaluation episodes{src} are {_task(episodes_cfg)} (data.source={episodes_cfg.data.source}); "
+            "evaluate it separately, or together with checkpoints of the same task")
+    if is_regression(episodes_cfg):
+        return
+    trained, asked = max_ways(trained_on), episodes_cfg.data.n_way
+    if asked > trained:
+        raise ckpt_io.CheckpointError(
+            f"checkpoint {ckpt.path} was trained for at most {trained} ways, the evaluation{src} asks for "
+            f"{asked}; evaluate with data.n_way <= {trained} (--set data.n_way={trained}), or grow the model with "
+            f"train.init_from into a run with data.n_way={asked} (the Meta-Transformer's learned label rows are kept) "
+            "and train it there")
+    if trained_on.image_size != episodes_cfg.data.image_size:
+        # a size mismatch usually still runs, on inputs unlike the training ones: said, not refused
+        print(f"metaformer eval: note: checkpoint {ckpt.path} was trained on {trained_on.image_size}x"
+              f"{trained_on.image_size} images, the evaluation episodes{src} are {episodes_cfg.data.image_size}x"
+              f"{episodes_cfg.data.image_size}", file=sys.stderr)
+
+
+def _build(ckpt: ckpt_io.Checkpoint, cfg: Optional[Config]) -> torch.nn.Module:
+    """The model of a checkpoint (architecture from `cfg` when given, else its own config) with its weights."""
+    build_cfg = ckpt.config
+    if cfg is not None:
+        build_cfg = copy.deepcopy(cfg)
+        # Fewer ways than the model was built for is fine (extra classes are masked per task): keep its size.
+        if cfg.data.source != "sinusoid":
+            build_cfg.data.n_way, build_cfg.data.train_ways = ckpt.config.data.n_way, ckpt.config.data.train_ways
+    model = build_model(build_cfg)
+    ckpt_io.load_weights_into(model, ckpt, build_cfg.model.name)
+    return model.eval()
 
 
 def load_model(path: str | Path, cfg: Optional[Config] = None, which: str = "latest",
                device: torch.device = torch.device("cpu")) -> tuple[torch.nn.Module, ckpt_io.Checkpoint]:
     """Build the model (from `cfg`, else the checkpoint's own config) and load the checkpoint's weights into it."""
     ckpt = ckpt_io.read_checkpoint(path, with_trainer_state=False, which=which)
-    build_cfg = cfg if cfg is not None else ckpt.config
-    if cfg is not None and cfg.data.source != "sinusoid":
-        trained, asked = max_ways(ckpt.config.data), max_ways(cfg.data)
-        if asked > trained:
-            raise ckpt_io.CheckpointError(
-                f"checkpoint {ckpt.path} was trained for at most {trained} ways, the evaluation asks for {asked}; "
-                f"evaluate with data.n_way <= {trained}, or grow the model with train.init_from into a run with "
-                f"data.n_way={asked} (the Meta-Transformer's learned label rows are kept) and train it there")
-        # Fewer ways than the model was built for is fine (extra classes are masked per task): keep its size.
-        build_cfg = copy.deepcopy(cfg)
-        build_cfg.data.n_way, build_cfg.data.train_ways = ckpt.config.data.n_way, ckpt.config.data.train_ways
-    model = build_model(build_cfg)
-    ckpt_io.load_weights_into(model, ckpt, build_cfg.model.name)
-    return model.to(device).eval(), ckpt
+    if cfg is not None:
+        check_fits(ckpt, cfg)
+    return _build(ckpt, cfg).to(device), ckpt
+
+
+def _prepare_out_dir(out_dir: Path) -> None:
+    """Refuse an output folder that cannot be created or written (a ConfigError naming it)."""
+    problem = ckpt_io.folder_problem(out_dir)
+    if problem:
+        raise ConfigError(f"cannot write the report to {out_dir}: {problem}; pass --out a folder in a writable place")
 
 
 def evaluate_checkpoints(
@@ -41,23 +102,43 @@ def evaluate_checkpoints(
     which: str = "latest",
     data_root: Optional[str] = None,
     out_dir: Optional[str | Path] = None,
-    device: str = "cpu",
+    device: str | torch.device = "cpu",
     progress: bool = True,
+    *,
+    episodes_from: str = "",
 ) -> list[EvalResult]:
     """Evaluate every checkpoint on the episodes that `cfg` (or the first checkpoint's config) fixes.
 
     With a single checkpoint and a config, the model is built from the config, so a checkpoint of another
     model or architecture fails with a clear error; with several, each model comes from its own checkpoint.
+    Every checkpoint is read, checked against the episodes and built before the first one is evaluated;
+    `episodes_from` says where `cfg` came from, for those errors.
     """
     if not paths:
         raise ValueError("pass at least one checkpoint folder to --checkpoint")
-    dev = torch.device(device)
-    results, episodes, episodes_cfg = [], None, cfg
-    for path in paths:
-        model, ckpt = load_model(path, cfg if (cfg is not None and len(paths) == 1) else None, which, dev)
-        episodes_cfg = episodes_cfg or ckpt.config
-        if episodes is None:
-            episodes = build_episodes(episodes_cfg, episodes_cfg.eval.split, data_root)
+    dev = check_device(device)
+    if out_dir is not None:
+        _prepare_out_dir(Path(out_dir))
+    ckpts = [ckpt_io.read_checkpoint(p, with_trainer_state=False, which=which) for p in paths]
+    episodes_cfg = cfg if cfg is not None else ckpts[0].config
+    if cfg is None:
+        episodes_from = f"the config of the first checkpoint, {ckpts[0].path}"
+    for ckpt in ckpts:
+        check_fits(ckpt, episodes_cfg, episodes_from)
+    models = []
+    for ckpt in ckpts:
+        models.append(_build(ckpt, cfg if (cfg is not None and len(paths) == 1) else None))
+        ckpt.model_state = {}  # the model holds the weights now
+    episodes = build_episodes(episodes_cfg, episodes_cfg.eval.split, data_root)
+    if out_dir is not None:
+        try:
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot create the report folder {out_dir}: {exc.strerror or exc}; pass --out a folder "
+                              "in a writable place") from None
+    results: list[EvalResult] = []
+    for i, ckpt in enumerate(ckpts):
+        model, models[i] = models[i].to(dev), None  # one model on the device at a time
         name = ckpt.config.name
         if name in [r.name for r in results]:
             name = f"{name} ({ckpt.path.parent.name})"  # same config name: tell the runs apart by folder
@@ -65,6 +146,7 @@ def evaluate_checkpoints(
                        progress=progress)
         res.step, res.checkpoint = ckpt.step, str(ckpt.path)
         results.append(res)
+        del model
     if out_dir is not None:
         header = {"split": episodes_cfg.eval.split, "seed": episodes_cfg.eval.seed, "episodes": episodes_cfg.eval.episodes,
                   "n_way": episodes_cfg.data.n_way, "k_shot": episodes_cfg.data.k_shot, "q_query": episodes_cfg.data.q_query,
@@ -73,9 +155,35 @@ def evaluate_checkpoints(
     return results
 
 
+def _holds_report(folder: Path) -> bool:
+    """Whether `folder` is taken for a report: a file, or a folder with an eval.json or eval.md."""
+    return folder.exists() and (not folder.is_dir() or (folder / "eval.json").exists() or (folder / "eval.md").exists())
+
+
+def default_out_dir(paths: Sequence[str | Path]) -> tuple[Path, Optional[Path]]:
+    """Where `metaformer eval` writes without --out, and the default folder skipped because it holds a report."""
+    first = Path(paths[0])
+    if len(paths) > 1:
+        base = Path("runs") / "eval" / "comparison"
+    elif ckpt_io.list_checkpoints(first):
+        base = first / "eval"  # a run folder: its report lives beside its checkpoints
+    else:
+        # a checkpoint folder itself (a step folder, an export, a shipped model): writing into it would put
+        # the report inside the checkpoint (or the repository), and pruning would delete a step folder's report
+        resolved = first.resolve()
+        name = f"{resolved.parent.name}-{resolved.name}" if ckpt_io.STEP_DIR_RE.match(resolved.name) else resolved.name
+        base = Path("runs") / "eval" / name
+    out, n = base, 1
+    while _holds_report(out):  # an earlier report is never replaced without an explicit --out
+        n += 1
+        out = base.with_name(f"{base.name}-{n}")
+    return out, (base if out != base else None)
+
+
 def run_eval(args: "argparse.Namespace") -> int:
     """Entry point of `metaformer eval` (argparse namespace in, exit code out)."""
-    cfg = None
+    device = check_device(args.device)
+    cfg, episodes_from = None, ""
     overrides = list(args.set or [])
     if args.episodes is not None:
         overrides.append(f"eval.episodes={args.episodes}")
@@ -86,19 +194,30 @@ def run_eval(args: "argparse.Namespace") -> int:
         from training.config import config_from_dict
 
         cfg = config_from_dict(first.config.to_dict(), overrides)
-    out = args.out or (Path(args.checkpoint[0]) / "eval" if len(args.checkpoint) == 1 else Path("runs") / "eval")
-    results = evaluate_checkpoints(args.checkpoint, cfg, args.which, args.data_root, out, args.device,
-                                   progress=not args.no_progress)
+        episodes_from = f"the config of the first checkpoint, {first.path}, with {' '.join(overrides)}"
+    if args.out is not None:
+        out = Path(args.out)
+        replaced = out.is_dir() and _holds_report(out)
+    else:
+        (out, skipped), replaced = default_out_dir(args.checkpoint), False
+        if skipped is not None:
+            print(f"metaformer eval: {skipped} holds an earlier report (kept); this one goes to {out}", file=sys.stderr)
+    results = evaluate_checkpoints(args.checkpoint, cfg, args.which, args.data_root, out, device,
+                                   progress=not args.no_progress, episodes_from=episodes_from)
     print(report_markdown(results), end="")
-    print(f"wrote {Path(out) / 'eval.json'} and {Path(out) / 'eval.md'}")
+    print(f"wrote {out / 'eval.json'} and {out / 'eval.md'}" + (" (replacing the earlier report there)" if replaced else ""))
     return 0
 
 
 def run_compare(args: "argparse.Namespace") -> int:
     """Entry point of `metaformer compare`: one table (and paired differences) from eval.json files of the same episodes."""
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        _prepare_out_dir(out)
     header, results = combine_reports(args.reports)
     print(report_markdown(results), end="")
-    if args.out:
-        write_report(results, Path(args.out), header=header)
-        print(f"wrote {Path(args.out) / 'eval.json'} and {Path(args.out) / 'eval.md'}")
+    if out is not None:
+        replaced = out.is_dir() and _holds_report(out)
+        write_report(results, out, header=header)
+        print(f"wrote {out / 'eval.json'} and {out / 'eval.md'}" + (" (replacing the earlier report there)" if replaced else ""))
     return 0

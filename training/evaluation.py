@@ -327,6 +327,46 @@ def write_report(results: Sequence[EvalResult], out_dir: Path, stem: str = "eval
 EPISODE_KEYS = ("source", "split", "seed", "episodes", "n_way", "k_shot", "q_query")
 
 
+def _is_number(v: Any) -> bool:
+    """Whether a JSON value is a number (JSON true / false are not)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _result_problem(r: Any) -> Optional[str]:
+    """What is wrong with one entry of an eval.json's "results" (None when it is usable)."""
+    if not isinstance(r, dict):
+        return f"is a {type(r).__name__}, not an object"
+    if not isinstance(r.get("name"), str):
+        return f"name must be a string, got {r.get('name')!r}"
+    if r.get("metric") not in ("accuracy", "mse"):
+        return f"metric must be 'accuracy' or 'mse', got {r.get('metric')!r}"
+    for key in ("mean", "ci95", "std"):
+        if not _is_number(r.get(key)):
+            return f"{key} must be a number, got {r.get(key)!r}"
+    n = r.get("episodes")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        return f"episodes must be an integer >= 1, got {n!r}"
+    per = r.get("per_episode")
+    # The paired differences need every episode's score: a short or missing list would drop them without a word.
+    want = f"per_episode must be a list of {n} numbers (one score per episode)"
+    if not isinstance(per, list):
+        return f"{want}, got {per!r:.40}"
+    if len(per) != n:
+        return f"{want}, got {len(per)} entries"
+    bad = next((v for v in per if not _is_number(v)), None)
+    if bad is not None or None in per:
+        return f"{want}, got {bad!r:.40} among them"
+    for key in ("ece", "seconds"):
+        if r.get(key) is not None and not _is_number(r[key]):
+            return f"{key} must be a number, got {r[key]!r}"
+    if r.get("step") is not None and (not isinstance(r["step"], int) or isinstance(r["step"], bool)):
+        return f"step must be an integer, got {r['step']!r}"
+    for key in ("checkpoint", "episodes_digest"):
+        if r.get(key) is not None and not isinstance(r[key], str):
+            return f"{key} must be a string, got {r[key]!r}"
+    return None
+
+
 def read_report(path: str | Path) -> tuple[dict, list[EvalResult]]:
     """The header (split, seed, episodes, N, K, Q, source) and results of an eval.json written by write_report."""
     path = Path(path)
@@ -334,13 +374,29 @@ def read_report(path: str | Path) -> tuple[dict, list[EvalResult]]:
         path = path / "eval.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; pass an eval.json (or its folder) written by `metaformer eval`")
+    fix = "re-run `metaformer eval` to write it again"
     try:
-        payload = json.loads(path.read_text())
-        header = {k: v for k, v in payload.items() if k not in ("results", "paired_vs_first")}
-        fields = set(EvalResult.__dataclass_fields__)
-        results = [EvalResult(**{k: v for k, v in r.items() if k in fields}) for r in payload["results"]]
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
-        raise ValueError(f"{path} is not an eval.json written by `metaformer eval` ({exc}); re-run the evaluation") from None
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not an eval.json written by `metaformer eval` (not JSON: {exc}); {fix}") from None
+    if not isinstance(payload, dict) or not isinstance(payload.get("results"), list):
+        raise ValueError(f"{path} is not an eval.json written by `metaformer eval` (no \"results\" list); {fix}")
+    if not payload["results"]:
+        raise ValueError(f"{path} holds no results (an empty \"results\" list); {fix}")
+    for i, r in enumerate(payload["results"]):
+        problem = _result_problem(r)
+        if problem:
+            raise ValueError(f"{path}: results[{i}]: {problem}; {fix}")
+    header = {k: v for k, v in payload.items() if k not in ("results", "paired_vs_first")}
+    for i, r in enumerate(payload["results"]):
+        if header.get("episodes") is not None and r["episodes"] != header["episodes"]:
+            raise ValueError(f"{path}: results[{i}] has {r['episodes']} episodes but the file's header says "
+                             f"{header['episodes']}; {fix}")
+    fields = set(EvalResult.__dataclass_fields__)
+    results = [EvalResult(**{k: v for k, v in r.items() if k in fields}) for r in payload["results"]]
+    for r in results:
+        r.mean, r.ci95, r.std = float(r.mean), float(r.ci95), float(r.std)
+        r.per_episode = [float(v) for v in r.per_episode]
     return header, results
 
 

