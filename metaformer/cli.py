@@ -141,6 +141,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except NonFiniteLossError as exc:
         print(f"metaformer {args.command}: training stopped: {exc}", file=sys.stderr)
         return 3
+    except KeyboardInterrupt:
+        # Ctrl-C outside the trainer's own handler (start-up, data loading, a second Ctrl-C): no traceback;
+        # whatever was written already is complete (every file is written atomically)
+        print(f"metaformer {args.command}: interrupted", file=sys.stderr)
+        return 130
     except (ConfigError, CheckpointError) as exc:
         print(f"metaformer {args.command}: error: {exc}", file=sys.stderr)
         return 2

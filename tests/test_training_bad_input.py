@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import torch
 
+from metaformer.cli import main
 from metaformer.data import EpisodeSampler, GlyphFamily, SinusoidFamily
 from metaformer.data.omniglot import load_omniglot
 from test_data_omniglot import make_zip
-from training.checkpoint import export_checkpoint
+from training.checkpoint import CheckpointError, export_checkpoint
 from training.config import ConfigError, load_config
 from training.demo import run_demo
 from training.registry import build_episodes, build_model
@@ -117,3 +118,26 @@ def test_a_damaged_member_of_an_omniglot_zip_names_the_zip_and_the_fix(tmp_path:
     path.write_bytes(bytes(data))
     with pytest.raises(ValueError, match=r"images_background.zip is damaged .*download it again"):
         load_omniglot(tmp_path, ("background",), 28, cache_dir=tmp_path / "cache", download=False)
+
+
+def test_a_damaged_newest_checkpoint_tells_resume_how_to_go_on(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    cfg = load_config(TINY, [f"out_dir={run}", "train.steps=4", "train.ckpt_every=2"])
+    train(cfg)
+    newest = sorted(run.glob("step-*"))[-1]
+    (newest / "model.safetensors").write_bytes(b"damaged")
+    longer = load_config(TINY, [f"out_dir={run}", "train.steps=6", "train.ckpt_every=2"])
+    with pytest.raises(CheckpointError, match=r"move .*step-00000004 out of the run folder and --resume continues "
+                                              r"from step-00000002"):
+        train(longer, resume=True)
+
+
+def test_ctrl_c_before_the_trainer_runs_is_one_line_not_a_traceback(monkeypatch: pytest.MonkeyPatch,
+                                                                    capsys: pytest.CaptureFixture,
+                                                                    tmp_path: Path) -> None:
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("training.trainer.build_model", interrupted)  # Ctrl-C while the model is being built
+    assert main(["train", "--config", str(TINY), "--set", f"out_dir={tmp_path / 'run'}"]) == 130
+    assert capsys.readouterr().err.strip() == "metaformer train: interrupted"

@@ -238,7 +238,13 @@ class Trainer:
             if self.info.is_main:
                 print(f"--resume: no checkpoint in {self.run_dir}; starting from step 0", flush=True)
             return False
-        ckpt = ckpt_io.read_checkpoint(self.run_dir)
+        try:
+            ckpt = ckpt_io.read_checkpoint(self.run_dir)
+        except ckpt_io.CheckpointError as exc:
+            ckpts = ckpt_io.list_checkpoints(self.run_dir)
+            earlier = (f"move {ckpts[-1]} out of the run folder and --resume continues from {ckpts[-2].name}"
+                       if len(ckpts) > 1 else "no earlier checkpoint is left: start a new run (another out_dir)")
+            raise ckpt_io.CheckpointError(f"{exc}; --resume takes the newest step folder: {earlier}") from None
         check_resume_config(ckpt.config, self.cfg, ckpt.path)
         ckpt_io.load_weights_into(self.model, ckpt, self.cfg.model.name)
         state = ckpt.trainer_state or {}
