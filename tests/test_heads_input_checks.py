@@ -230,3 +230,28 @@ def test_from_pretrained_is_ready_for_inference_and_predict_leaves_training_stat
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in before.items())  # no running statistic moved
     part = EpisodeBatch.collate([batch.episode(1)])
     assert torch.equal(loaded.predict(part)[0], one[1, : part.query_y.shape[1]])
+
+
+def test_accuracy_metric_counts_in_float32_for_low_precision_logits() -> None:
+    from metaformer.heads.losses import task_accuracy
+
+    logits = torch.zeros(1, 600, 2, dtype=torch.bfloat16)
+    logits[0, :, 0] = 1.0
+    y = torch.zeros(1, 600, dtype=torch.int64)
+    y[0, 0] = 1  # one miss of 600
+    assert float(task_accuracy(logits, y, None)[0]) == pytest.approx(599 / 600, abs=1e-7)
+
+
+@pytest.mark.parametrize(("key", "value"), [("mlp_ratio", "4"), ("dropout", None), ("label_code_seed", "x")])
+def test_meta_transformer_config_types_are_value_errors(key: str, value: object) -> None:
+    with pytest.raises(ValueError, match=key):
+        MetaTransformerConfig(**{key: value})
+
+
+def test_a_damaged_safetensors_file_is_a_value_error_naming_it(tmp_path: Path) -> None:
+    model = MetaTransformer(MetaTransformerConfig(backbone="conv4", backbone_kwargs={"in_channels": 1, "hidden": 8,
+                                                  "num_blocks": 2}, d_model=16, n_layers=1, n_heads=2, max_way=5))
+    model.save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"\x00" * 12)
+    with pytest.raises(ValueError, match="model.safetensors is not a readable safetensors file"):
+        MetaTransformer.from_pretrained(tmp_path)

@@ -94,6 +94,7 @@ def test_pooling_and_bad_inputs(minilm_tokenizer) -> None:
     mean = tiny_bert(minilm_tokenizer, pooling="mean").eval()
     cls = tiny_bert(minilm_tokenizer, pooling="cls").eval()
     assert not torch.allclose(mean(TEXTS), cls(TEXTS))
+    assert mean([]).shape == (0, mean.out_dim)  # an empty batch of strings: no rows, not a tokenizer error
     with pytest.raises(ValueError, match="reads text"):
         mean(torch.rand(2, 1, 28, 28))
     vit = tiny_vit_encoder(hidden=16, layers=1, heads=2)

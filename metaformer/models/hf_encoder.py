@@ -280,6 +280,8 @@ class HFEncoder(Encoder):
                     f"this HFEncoder reads text: pass a list of strings, got {type(x).__name__}"
                     + (" (an image tensor? the model is a text model)" if isinstance(x, Tensor) else "")
                 )
+            if len(x) == 0:  # the tokenizer cannot pad an empty batch; no strings embed to no rows
+                return torch.zeros(0, self.out_dim, device=device, dtype=next(self.model.parameters()).dtype)
             enc = self.tokenizer(list(x), padding=True, truncation=True, max_length=self.settings.max_length,
                                  return_tensors="pt")
             enc = {k: v.to(device) for k, v in enc.items()}

@@ -88,6 +88,12 @@ class MetaTransformerConfig:
                 f"MetaTransformerConfig: d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
                 "pick d_model as a multiple of n_heads"
             )
+        for name in ("dropout", "mlp_ratio"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"MetaTransformerConfig.{name} must be a number, got {value!r}")
+        if isinstance(self.label_code_seed, bool) or not isinstance(self.label_code_seed, int):
+            raise ValueError(f"MetaTransformerConfig.label_code_seed must be an int, got {self.label_code_seed!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"MetaTransformerConfig.dropout must be in [0, 1), got {self.dropout}")
         if self.mlp_ratio <= 0:
@@ -508,8 +514,12 @@ class MetaTransformer(nn.Module):
             if not p.is_file():
                 raise FileNotFoundError(f"{p} not found; {directory} is not a save_pretrained() directory")
         config = MetaTransformerConfig.load(cfg_path)
-        with safe_open(str(w_path), framework="pt") as f:
-            meta = f.metadata() or {}
+        try:
+            with safe_open(str(w_path), framework="pt") as f:
+                meta = f.metadata() or {}
+        except Exception as exc:  # safetensors raises its own SafetensorError (and OSError) for damaged files
+            raise ValueError(f"{w_path} is not a readable safetensors file ({exc}); the save is damaged or "
+                             "incomplete: save_pretrained it again") from None
         if meta.get("model_type", config.model_type) != config.model_type:
             raise ValueError(
                 f"{w_path} holds weights of model_type={meta.get('model_type')!r}, not "
@@ -522,9 +532,12 @@ class MetaTransformer(nn.Module):
         unexpected = sorted(set(state) - set(expected))
         wrong = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
         if missing or unexpected or wrong:
+            custom = "" if backbone is not None else (
+                "; a model saved with a backbone module of its own (a text encoder, say) needs that module again: "
+                "from_pretrained(directory, backbone=...)")
             raise ValueError(
                 f"{w_path} does not match the architecture in its config.json: "
-                f"missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shape {wrong[:5]}"
+                f"missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shape {wrong[:5]}{custom}"
             )
         model.load_state_dict(state, strict=True)
         return model.to(map_location).eval()  # as Hugging Face models: ready for inference; .train() to train on
