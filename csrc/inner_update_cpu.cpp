@@ -105,7 +105,7 @@ void run_plan(const InnerUpdatePlan& plan, double lr_scalar, double decay_scalar
     for (int64_t t = 0; t < plan.num_tasks; ++t) {
       const acc_t norm = static_cast<acc_t>(std::sqrt(sumsq[t]));
       const acc_t factor = static_cast<acc_t>(*max_grad_norm) / (norm + static_cast<acc_t>(kClipEps));
-      clip[t] = factor < acc_t(1) ? factor : acc_t(1);
+      clip[t] = !(factor >= acc_t(1)) ? factor : acc_t(1);  // a NaN norm keeps its NaN (as the reference)
     }
   }
   const bool has_decay = decay_scalar != 1.0;

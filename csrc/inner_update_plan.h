@@ -42,6 +42,9 @@ inline void rate_strides(const at::Tensor& rate, const at::Tensor& grad, at::Sca
                          size_t index, std::vector<at::Tensor>& keep_alive, const void** ptr, int64_t* task_stride,
                          int64_t* elem_stride) {
   const int64_t gd = grad.dim();
+  // the kernels read the rate through a raw pointer on the gradient's device
+  TORCH_CHECK(rate.device() == grad.device(), "metaformer::inner_update: ", name, "[", index, "] is on ", rate.device(),
+              " but grads[", index, "] on ", grad.device(), "; move the rates to the gradients' device");
   TORCH_CHECK(rate.dim() <= gd, "metaformer::inner_update: ", name, "[", index, "] has more dims than grads[", index, "]");
   std::vector<int64_t> rs(gd, 1);
   for (int64_t k = 0; k < rate.dim(); ++k) rs[gd - rate.dim() + k] = rate.size(k);

@@ -129,7 +129,12 @@ def test_simd_variable_chooses_the_kernel_set() -> None:
         else:
             assert got == best and f"METAFORMER_SIMD={want} but this CPU" in err
     got, err = kernels_with("avx3")
-    assert got == best and "METAFORMER_SIMD=avx3 is not one of 0, 1, avx2, avx512" in err
+    assert got == best and "METAFORMER_SIMD=avx3 is not one of 0 (or generic, none), 1, avx2, avx512" in err
+    # the name cpu_kernels() reports asks for that set; case and surrounding blanks do not matter
+    for spelling in ("generic", "none", " Generic "):
+        assert kernels_with(spelling) == ("generic", "")
+    if best != "generic":
+        assert kernels_with(" AVX2") == ("avx2", "")
 
 
 def test_heads_use_the_fused_stem_with_the_avx2_kernels() -> None:

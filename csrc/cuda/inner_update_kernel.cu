@@ -103,7 +103,7 @@ __global__ void task_clip_kernel(const double* __restrict__ partial, const Inner
   if (threadIdx.x == 0) {
     const acc_t norm = static_cast<acc_t>(sqrt(buf[0]));
     const acc_t factor = static_cast<acc_t>(max_norm) / (norm + static_cast<acc_t>(kClipEps));
-    clip[task] = factor < acc_t(1) ? factor : acc_t(1);
+    clip[task] = !(factor >= acc_t(1)) ? factor : acc_t(1);  // a NaN norm keeps its NaN (as the reference)
   }
 }
 

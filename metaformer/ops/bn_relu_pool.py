@@ -74,6 +74,8 @@ def batch_norm_relu_pool(
         )
     if not training or not fused_available(x, weight, bias):
         return F.max_pool2d(F.relu(F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)), 2)
+    if not eps > 0:
+        raise ValueError(f"batch_norm_relu_pool: eps must be positive (as F.batch_norm's in training), got {eps}")
     out, mean, invstd, _ = torch.ops.metaformer.bn_relu_pool(x, weight, bias, float(eps))
     if running_mean is not None or running_var is not None:
         # the running-statistics update F.batch_norm makes in training mode (unbiased variance)
@@ -185,6 +187,16 @@ def _double_backward(ctx, ggx, ggw, ggb):  # noqa: ANN001, ANN202
     return d_go, d_x, d_w, None, None, None
 
 
+def _no_third_order(ctx, *grads):  # noqa: ANN001, ANN002, ANN202
+    """Differentiating the double backward (a third-order gradient) is not implemented: say so instead of a
+    silently wrong result (without a formula autograd would treat the op as constant)."""
+    raise RuntimeError(
+        "metaformer::bn_relu_pool: third-order gradients through the fused BatchNorm + ReLU + max-pool are not "
+        "implemented; for them run the block as F.batch_norm, F.relu and F.max_pool2d (e.g. an nn.Sequential of the "
+        "three layers), whose derivatives of every order PyTorch provides"
+    )
+
+
 def register_python_parts() -> None:
     """Attach fake kernels and autograd formulas to the C++ ops (once, after the extension loads)."""
     torch.library.register_fake(OP)(_fake_forward)
@@ -192,6 +204,7 @@ def register_python_parts() -> None:
     torch.library.register_fake(DOUBLE_BACKWARD_OP)(_fake_double_backward)
     torch.library.register_autograd(OP, _backward, setup_context=_setup_forward)
     torch.library.register_autograd(BACKWARD_OP, _double_backward, setup_context=_setup_backward)
+    torch.library.register_autograd(DOUBLE_BACKWARD_OP, _no_third_order, setup_context=lambda ctx, inputs, output: None)
 
 
 if _HAS_OP:

@@ -91,6 +91,12 @@ def conv3x3_bn_relu_pool(x: Tensor, conv_weight: Tensor, conv_bias: Optional[Ten
             f"dtype; got input {tuple(x.shape)} {x.dtype} on {x.device} (requires_grad={x.requires_grad}), "
             f"conv weight {tuple(conv_weight.shape)}; use conv_stem_reference instead"
         )
+    if not eps > 0:
+        raise ValueError(f"conv3x3_bn_relu_pool: eps must be positive (as F.batch_norm's in training), got {eps}")
+    if conv_bias is not None and not bool(torch.isfinite(conv_bias).all()):
+        # the fused op drops the bias (it cancels in batch statistics), which a NaN or inf bias does not: keep the
+        # reference's propagation of it
+        return conv_stem_reference(x, conv_weight, conv_bias, bn_weight, bn_bias, eps)
     out, _, _, _ = torch.ops.metaformer.conv3x3_bn_relu_pool(
         x.contiguous(), conv_weight, conv_bias, bn_weight, bn_bias, float(eps)
     )

@@ -7,8 +7,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from ._extension import load_extension
-from .reference import CLIP_EPS, inner_update_reference
+from ._extension import extension_has_cuda, load_extension
+from .reference import CLIP_EPS, inner_update_reference, task_rows
 from .validation import Rate, normalize_inputs
 
 OP_NAME = "metaformer::inner_update"
@@ -16,6 +16,9 @@ OP_NAME = "metaformer::inner_update"
 # Resolved once at import: a plain module constant keeps the hot path free of lookups and lets
 # torch.compile trace the wrapper without a cached-function call.
 _EXTENSION = load_extension()
+# An extension built without its CUDA kernels (METAFORMER_BUILD_CUDA=0, or a CPU torch at build time) has no CUDA
+# implementation of the op: tensors off the CPU then take the pure-PyTorch reference instead of a dispatcher error.
+_EXTENSION_CUDA = _EXTENSION is not None and extension_has_cuda()
 
 
 def inner_update(
@@ -30,7 +33,7 @@ def inner_update(
     spec = normalize_inputs(params, grads, lr, decay, max_grad_norm)
     if not spec.params:
         return []
-    if _EXTENSION is None:
+    if _EXTENSION is None or (not _EXTENSION_CUDA and spec.grads[0].device.type != "cpu"):
         return inner_update_reference(spec.params, spec.grads, spec.lr_tensors if spec.lr_tensors is not None else spec.lr_scalar,
                                       spec.decay_tensors if spec.decay_tensors is not None else spec.decay_scalar,
                                       max_grad_norm=spec.max_grad_norm)
@@ -64,7 +67,7 @@ def inner_update_(
             )
     if not spec.params:
         return
-    if _EXTENSION is None:
+    if _EXTENSION is None or (not _EXTENSION_CUDA and spec.grads[0].device.type != "cpu"):
         new = inner_update_reference(spec.params, spec.grads, spec.lr_tensors if spec.lr_tensors is not None else spec.lr_scalar,
                                      spec.decay_tensors if spec.decay_tensors is not None else spec.decay_scalar,
                                      max_grad_norm=spec.max_grad_norm)
@@ -154,7 +157,7 @@ def _backward(ctx, grad_outs):  # noqa: ANN001, ANN202
 
     clip = norm = None
     if ctx.max_grad_norm is not None:
-        sq = sum(g.to(acc).reshape(num_tasks, -1).pow(2).sum(dim=1) for g in grads)
+        sq = sum(task_rows(g.to(acc), num_tasks).pow(2).sum(dim=1) for g in grads)
         norm = sq.sqrt()
         clip = torch.clamp(ctx.max_grad_norm / (norm + CLIP_EPS), max=1.0)
 
@@ -178,7 +181,7 @@ def _backward(ctx, grad_outs):  # noqa: ANN001, ANN202
         if clip is not None:
             c = clip.reshape(view)
             d_grads.append(scaled * c)
-            dl_dclip = dl_dclip + (scaled * g_acc).reshape(num_tasks, -1).sum(dim=1)
+            dl_dclip = dl_dclip + task_rows(scaled * g_acc, num_tasks).sum(dim=1)
             d_lrs.append(_reduce_to(-go * c * g_acc, lrs[i].shape, lrs[i].dtype) if lrs is not None else None)
         else:
             d_grads.append(scaled)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence, Union
 
 import torch
@@ -13,13 +14,18 @@ from .validation import Rate, normalize_inputs
 CLIP_EPS = 1e-6
 
 
+def task_rows(x: Tensor, num_tasks: int) -> Tensor:
+    """[T, *shape] -> [T, prod(shape)], also for T = 0 (where reshape(0, -1) is ambiguous)."""
+    return x.reshape(num_tasks, math.prod(x.shape[1:]))
+
+
 def clip_coefficients(grads: Sequence[Tensor], max_grad_norm: float) -> Tensor:
     """Per-task factor min(1, max_norm / (||g_t|| + eps)) over all tensors of each task, in float32 or float64."""
     acc = torch.float64 if grads[0].dtype == torch.float64 else torch.float32
     num_tasks = grads[0].shape[0]
     sq = torch.zeros(num_tasks, dtype=acc, device=grads[0].device)
     for g in grads:
-        sq = sq + g.to(acc).reshape(num_tasks, -1).pow(2).sum(dim=1)
+        sq = sq + task_rows(g.to(acc), num_tasks).pow(2).sum(dim=1)
     return torch.clamp(max_grad_norm / (sq.sqrt() + CLIP_EPS), max=1.0)
 
 
