@@ -72,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run a subcommand; user errors print one clear line and exit with status 2."""
     args = _parser().parse_args(argv)
-    from training.checkpoint import CheckpointError
+    from training.checkpoint import CheckpointError, NonFiniteStateError
     from training.config import ConfigError
     from training.cpu_allocator import tune_cpu_allocator
     from training.interrupts import TrainingInterrupted
@@ -138,7 +138,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"metaformer {args.command}: training stopped by {exc.signal_name} at step {res.step} ({where}){hint}",
               file=sys.stderr, flush=True)
         return exc.exit_status
-    except NonFiniteLossError as exc:
+    except (NonFiniteLossError, NonFiniteStateError) as exc:
         print(f"metaformer {args.command}: training stopped: {exc}", file=sys.stderr)
         return 3
     except KeyboardInterrupt:

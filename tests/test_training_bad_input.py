@@ -4,6 +4,7 @@ ConfigError (the CLI's one-line error) instead of a traceback from deep inside t
 from __future__ import annotations
 
 import json
+import os
 import zipfile
 from pathlib import Path
 
@@ -15,11 +16,11 @@ from metaformer.cli import main
 from metaformer.data import EpisodeSampler, GlyphFamily, SinusoidFamily
 from metaformer.data.omniglot import load_omniglot
 from test_data_omniglot import make_zip
-from training.checkpoint import CheckpointError, export_checkpoint
+from training.checkpoint import CheckpointError, RunLock, export_checkpoint, list_checkpoints, resolve_checkpoint
 from training.config import ConfigError, load_config
 from training.demo import run_demo
 from training.registry import build_episodes, build_model
-from training.trainer import train
+from training.trainer import NonFiniteLossError, train
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "training" / "configs" / "tiny.yaml"
@@ -141,3 +142,63 @@ def test_ctrl_c_before_the_trainer_runs_is_one_line_not_a_traceback(monkeypatch:
     monkeypatch.setattr("training.trainer.build_model", interrupted)  # Ctrl-C while the model is being built
     assert main(["train", "--config", str(TINY), "--set", f"out_dir={tmp_path / 'run'}"]) == 130
     assert capsys.readouterr().err.strip() == "metaformer train: interrupted"
+
+
+def _diverging(run: Path, steps: int) -> list[str]:
+    """A sinusoid run whose huge SGD step makes every loss after the first non-finite (skipped, not stopped)."""
+    return [f"out_dir={run}", "optim.name=sgd", "optim.lr=1e30", "optim.grad_clip=null", "train.nan_policy=skip",
+            f"train.steps={steps}", "train.ckpt_every=3", "train.max_skips=4", "train.meta_batch=4",
+            "model.options={d_model: 16, n_layers: 1, n_heads: 2}", "data.k_shot=5", "data.q_query=5"]
+
+
+def test_consecutive_skips_count_across_a_resume(tmp_path: Path) -> None:
+    with pytest.raises(NonFiniteLossError, match=r"5 consecutive non-finite steps \(last: step 6\)"):
+        train(load_config(SINUSOID, _diverging(tmp_path / "whole", 20)))
+    split = tmp_path / "split"
+    assert train(load_config(SINUSOID, _diverging(split, 4))).skipped_steps == 3  # steps 2-4 skipped, then saved
+    with pytest.raises(NonFiniteLossError, match=r"5 consecutive non-finite steps \(last: step 6\)"):
+        train(load_config(SINUSOID, _diverging(split, 20)), resume=True)
+
+
+def test_a_step_that_makes_the_weights_non_finite_stops_training(tmp_path: Path) -> None:
+    cfg = load_config(TINY, [f"out_dir={tmp_path / 'run'}", "optim.name=sgd", "optim.momentum=0.0", "optim.lr=3e38",
+                             "optim.grad_clip=null", "train.nan_policy=skip", "train.steps=6"])
+    with pytest.raises(NonFiniteLossError, match="made the weights non-finite.*last checkpoint is intact"):
+        train(cfg)
+
+
+def test_a_second_trainer_on_the_same_run_folder_is_refused(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    lock = RunLock(run)
+    lock.acquire()  # as a trainer in another process holds it
+    try:
+        with pytest.raises(CheckpointError, match=rf"{run} is being trained by pid {os.getpid()}"):
+            train(load_config(TINY, [f"out_dir={run}", "train.steps=2"]))
+    finally:
+        lock.release()
+    assert train(load_config(TINY, [f"out_dir={run}", "train.steps=2"])).step == 2
+
+
+def test_resume_repairs_a_best_json_left_stale_by_a_kill(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    cfg = load_config(SINUSOID, [f"out_dir={run}", "train.steps=6", "train.val_every=2", "train.val_episodes=8",
+                                 "train.keep_last=5", "train.meta_batch=4",
+                                 "model.options={d_model: 16, n_layers: 1, n_heads: 2}"])
+    train(cfg)
+    mse = {p.name: json.loads((p / "meta.json").read_text())["metrics"]["val_mse"] for p in list_checkpoints(run)}
+    best = json.loads((run / "best.json").read_text())
+    assert best["metric"] == "val_mse" and best["value"] == min(mse.values())  # continuous values: no ties
+    worse = max(mse, key=mse.get)
+    # as if killed after the best step's checkpoint, before its best.json update (and before the summary)
+    (run / "best.json").write_text(json.dumps({**best, "dir": worse, "step": int(worse[5:]), "value": mse[worse]}))
+    (run / "summary.json").unlink()
+    assert resolve_checkpoint(run, "best").name == best["dir"]  # reading already sees through it
+    train(cfg, resume=True)
+    assert json.loads((run / "best.json").read_text())["dir"] == best["dir"]
+    assert json.loads((run / "summary.json").read_text())["step"] == 6
+
+
+def test_a_time_capped_run_says_how_to_continue(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    result = train(load_config(TINY, [f"out_dir={tmp_path / 'run'}", "train.steps=1000", "train.max_minutes=0.0001"]))
+    assert result.step < 1000
+    assert f"reached at step {result.step} of train.steps=1000" in capsys.readouterr().out

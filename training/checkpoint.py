@@ -194,6 +194,79 @@ def read_best(run_dir: Union[str, Path]) -> Optional[dict]:
         return None
 
 
+def best_record(run_dir: Union[str, Path]) -> Optional[dict]:
+    """best.json, checked against the validation results the run's step folders record in their meta.json: a
+    process killed between publishing a checkpoint and updating best.json must not leave a stale best."""
+    record = read_best(run_dir)
+    record = record if isinstance(record, dict) and (Path(run_dir) / str(record.get("dir", "")) / META_FILE).is_file() else None
+    for path in list_checkpoints(run_dir):
+        try:
+            meta = json.loads((path / META_FILE).read_text())
+        except (OSError, ValueError):
+            continue  # an unreadable step folder is reported where it is read, not here
+        metrics = meta.get("metrics") if isinstance(meta, dict) else None
+        for key, value in (metrics or {}).items():
+            if not key.startswith("val_") or (record is not None and record.get("metric") != key):
+                continue
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                continue
+            higher = key.endswith("accuracy")
+            if record is None or (value > record["value"] if higher else value < record["value"]):
+                record = {"step": int(meta.get("step", 0)), "dir": path.name, "metric": key, "value": value,
+                          "higher_is_better": higher}
+    return record
+
+
+def reconcile_best(run_dir: Union[str, Path]) -> Optional[dict]:
+    """Rewrite best.json where best_record finds it stale (the trainer calls this when it resumes)."""
+    record = best_record(run_dir)
+    if record is not None and record != read_best(run_dir):
+        atomic_write_text(Path(run_dir) / BEST_FILE, json.dumps(record, indent=2))
+    return record
+
+
+class RunLock:
+    """An exclusive lock on a run folder (``flock`` on ``run_dir/.lock``): two trainers writing one run would delete
+    each other's checkpoints in progress and interleave the log. Held from the start of training to its end."""
+
+    NAME = ".lock"
+
+    def __init__(self, run_dir: Union[str, Path]) -> None:
+        """A lock for ``run_dir`` (not yet taken)."""
+        self.path = Path(run_dir) / self.NAME
+        self._file: Optional[Any] = None
+
+    def acquire(self) -> None:
+        """Take the lock, or raise CheckpointError naming the process that holds it."""
+        try:
+            import fcntl
+        except ImportError:  # no flock (Windows): unguarded, as before
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(self.path, "a+")
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise CheckpointError(
+                f"{self.path.parent} is being trained by {holder}; wait for it or stop it (a second trainer would "
+                "delete its checkpoints in progress), or train into another out_dir"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}\n")
+        f.flush()
+        self._file = f
+
+    def release(self) -> None:
+        """Give the lock back (closing the file releases the flock)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
 def update_best(run_dir: Union[str, Path], step: int, metric: str, value: float, higher_is_better: bool) -> bool:
     """Record step as best if `value` beats the recorded best; returns whether it did."""
     current = read_best(run_dir)
@@ -232,17 +305,19 @@ def resolve_checkpoint(path: Union[str, Path], which: str = "latest") -> Path:
         )
     if which == "best":
         # Refused rather than falling back to the latest: a report labelled "best" must not hold another step.
-        best = read_best(path)
-        if not isinstance(best, dict):
+        best = best_record(path)
+        if best is None:
+            recorded = read_best(path)
+            if isinstance(recorded, dict):
+                raise CheckpointError(
+                    f"--which best: {path / BEST_FILE} names {recorded.get('dir')!r}, which is not a checkpoint folder "
+                    f"of the run, and no step folder records a validation result; pass --which latest, or a step "
+                    f"folder such as {ckpts[-1]}")
             raise CheckpointError(
                 f"--which best: {path} has no readable {BEST_FILE} (the run recorded no validation result: "
                 f"train.val_every=0, or it stopped before its first validation); pass --which latest, or a step "
                 f"folder such as {ckpts[-1]}")
-        best_dir = path / str(best.get("dir", ""))
-        if not best.get("dir") or not (best_dir / META_FILE).is_file():
-            raise CheckpointError(
-                f"--which best: {path / BEST_FILE} names {best.get('dir')!r}, which is not a checkpoint folder of "
-                f"the run; pass --which latest, or a step folder such as {ckpts[-1]}")
+        best_dir = path / best["dir"]  # best_record keeps only records whose folder holds a checkpoint
         return best_dir
     if which != "latest":
         raise CheckpointError(f"which must be 'latest' or 'best', got {which!r}")

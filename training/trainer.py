@@ -176,6 +176,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.precision == "fp16")
         self.step = 0
         self.skipped = 0
+        self.consecutive_skips = 0  # in the checkpoint: train.max_skips counts across a resume
         self.best_value: Optional[float] = None
         restored = False
         if resume:
@@ -262,7 +263,10 @@ class Trainer:
             seed_everything(self.cfg.seed + 1000003 * (ckpt.step + 1) + self.info.rank)
         self.step = int(state.get("step", ckpt.step))
         self.skipped = int(state.get("skipped", 0))
+        self.consecutive_skips = int(state.get("consecutive_skips", 0))
         self.best_value = state.get("best_value")
+        if self.info.is_main:
+            ckpt_io.reconcile_best(self.run_dir)  # a kill between a checkpoint and its best.json update
         return True
 
     def save(self, metrics: dict[str, float]) -> Optional[Path]:
@@ -278,6 +282,7 @@ class Trainer:
             "step": self.step,
             "episodes_seen": self.step * self.cfg.train.meta_batch,
             "skipped": self.skipped,
+            "consecutive_skips": self.consecutive_skips,
             "best_value": self.best_value,
             "world_size": self.info.world_size,
         }
@@ -309,7 +314,10 @@ class Trainer:
         On SIGINT / SIGTERM it finishes the step, writes a checkpoint and raises TrainingInterrupted.
         """
         finished = False
+        lock = ckpt_io.RunLock(self.run_dir) if self.info.is_main else None
         try:
+            if lock is not None:
+                lock.acquire()
             result = self._run()
             finished = True
             if result.interrupted:
@@ -322,6 +330,8 @@ class Trainer:
                 # instead, a Gloo thread that needs the GIL aborts the rank ("terminate called without an active
                 # exception", pytorch/pytorch#179291).
                 self.wrapped = LossModule(self.step_model)
+            if lock is not None:
+                lock.release()
             cleanup(self.info, synchronize=finished)
 
     def _run(self) -> TrainResult:
@@ -351,7 +361,7 @@ class Trainer:
         self.step_model.train()
         t_start = time.perf_counter()
         t_window, steps_window = t_start, 0
-        steps_done, last_ckpt, consecutive_skips = 0, None, 0
+        steps_done, last_ckpt, time_capped = 0, None, False
         metrics: dict[str, float] = {}
         window: dict[str, list[float]] = {}
         interrupted: Optional[str] = None
@@ -365,14 +375,14 @@ class Trainer:
                 steps_window += 1
                 if skipped:
                     self.skipped += 1
-                    consecutive_skips += 1
-                    if consecutive_skips > t.max_skips:
+                    self.consecutive_skips += 1
+                    if self.consecutive_skips > t.max_skips:
                         raise NonFiniteLossError(
-                            f"{consecutive_skips} consecutive non-finite steps (last: step {self.step}); more than "
+                            f"{self.consecutive_skips} consecutive non-finite steps (last: step {self.step}); more than "
                             f"train.max_skips={t.max_skips}: lower optim.lr, enable optim.grad_clip or check the data"
                         )
                 else:
-                    consecutive_skips = 0
+                    self.consecutive_skips = 0
                     for k, v in metrics.items():
                         window.setdefault(k, []).append(v)
                 if bar is not None:
@@ -385,6 +395,7 @@ class Trainer:
                 halt = reason > 0
                 if reason > 1 and not last:
                     interrupted = _HALT_NAMES[reason]
+                time_capped = reason == 1 and not last
                 if self.step % t.log_every == 0 or last or halt:
                     now = time.perf_counter()
                     eps = steps_window * t.meta_batch / max(now - t_window, 1e-9)
@@ -420,6 +431,9 @@ class Trainer:
             if logger is not None:
                 logger.close()
         seconds = time.perf_counter() - t_start
+        if main and time_capped:
+            print(f"train.max_minutes={t.max_minutes} reached at step {self.step} of train.steps={t.steps} (checkpoint "
+                  f"{last_ckpt}); the same command plus --resume continues", flush=True)
         result = TrainResult(
             run_dir=self.run_dir, step=self.step, metrics=metrics, seconds=seconds,
             episodes_per_s=steps_done * t.meta_batch / max(seconds, 1e-9), checkpoint=last_ckpt,
@@ -451,8 +465,18 @@ class Trainer:
             except (ValueError, AttributeError, TypeError):
                 metrics = {}  # an unreadable summary only loses the echo of the last metrics; the run is intact
         ckpts = ckpt_io.list_checkpoints(self.run_dir)
-        return TrainResult(run_dir=self.run_dir, step=self.step, metrics=metrics,
-                           checkpoint=ckpts[-1] if ckpts else None, skipped_steps=self.skipped, rank=self.info.rank)
+        result = TrainResult(run_dir=self.run_dir, step=self.step, metrics=metrics,
+                             checkpoint=ckpts[-1] if ckpts else None, skipped_steps=self.skipped, rank=self.info.rank)
+        if self.info.is_main and not summary.is_file():
+            # killed after its last checkpoint, before the summary: write it now from that checkpoint's metrics
+            meta = json.loads((ckpts[-1] / ckpt_io.META_FILE).read_text()) if ckpts else {}
+            result.metrics = dict(meta.get("metrics") or {})
+            atomic_write_text(summary, json.dumps({
+                "step": self.step, "seconds": None, "episodes_per_s": None, "world_size": self.info.world_size,
+                "ddp_max_param_divergence": None, "skipped_steps": self.skipped,
+                "checkpoint": str(result.checkpoint) if result.checkpoint else None, "interrupted": None,
+                "metrics": result.metrics}, indent=2))
+        return result
 
     def _uses_pseudo_gradient(self) -> bool:
         """True for heads whose meta_backward writes .grad directly (Reptile) instead of differentiating a loss."""
@@ -533,6 +557,15 @@ class Trainer:
             return {"loss": float("nan")}, True
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        # finite gradients can still overflow the weights (a huge optim.lr): such a step cannot be skipped after
+        # the fact, and the next checkpoint would be refused, so stop here with the last checkpoint intact
+        if self.params and any_rank(
+                not math.isfinite(float(torch.stack([p.detach().sum() for p in self.params]).sum().float())),
+                self.info, self.device):
+            raise NonFiniteLossError(
+                f"the optimizer step at step {self.step + 1} made the weights non-finite (optim.lr={cfg.optim.lr}, "
+                f"gradient norm {grad_norm}); the last checkpoint is intact. Lower optim.lr or enable optim.grad_clip"
+            )
         with warnings.catch_warnings():
             # a step the GradScaler skipped for overflow still advances the schedule, by design
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
