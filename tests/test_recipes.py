@@ -6,8 +6,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import shutil
 import sys
+import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -242,3 +245,214 @@ def test_ctrl_c_lets_the_stage_checkpoint_and_a_rerun_continues(tmp_path: Path) 
     state, step = stage_state(load_recipe(recipe), load_recipe(recipe).stages[0], work)
     assert state == "partial" and step is not None and step >= 3
     assert (work / "runs" / "proto" / f"step-{step:08d}").is_dir()  # the stop's own checkpoint (ckpt_every=1000)
+
+
+def _variant(tmp: Path, name: str, change: Callable[[dict], None]) -> Path:
+    """The tiny chain recipe, one evaluated setting of 4 episodes, edited by `change`, written to tmp/<name>.yaml."""
+    data = yaml.safe_load(_recipe_file(tmp).read_text())
+    data["evaluate"] = {"stages": ["proto", "mt"], "settings": ["3w2s"], "episodes": 4, "q_query": 3}
+    change(data)
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _set(stage: dict, key: str, value: str) -> None:
+    """Replace (or add) `key=value` in a stage's `set` list."""
+    stage["set"] = [o for o in stage["set"] if o.split("=", 1)[0] != key] + [f"{key}={value}"]
+
+
+def _weights_sha(run: Path, step: int) -> str:
+    """sha256 of a checkpoint's weights, as its meta.json records it."""
+    meta = json.loads((run / f"step-{step:08d}" / "meta.json").read_text())
+    return meta["files"]["model.safetensors"]["sha256"]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_evaluations_run_again_for_another_checkpoint_or_command(tmp_path: Path) -> None:
+    """An evaluation is kept only for the same checkpoint (weights sha256, not just the step) and the same command:
+    a changed evaluate.set, or a stage retrained to the same step with another config, evaluates again."""
+    work = tmp_path / "work"
+    base = load_recipe(_variant(tmp_path, "base", lambda d: None))
+    run_recipe(base, work, threads=1, log=lambda _: None)
+
+    # evaluate.set changes the episodes: every evaluation runs again, and the report's numbers come from them
+    seeded = load_recipe(_variant(tmp_path, "seeded", lambda d: d["evaluate"].update(set=["eval.seed=7"])))
+    logs: list[str] = []
+    report = run_recipe(seeded, work, threads=1, log=logs.append)
+    assert sum("eval.seed=7" in line and "evaluating again" in line for line in logs) == 2, logs
+    assert not any(line.startswith("[recipe] eval") and "kept" in line for line in logs)
+    (st,) = report["settings"]
+    assert st["header"]["seed"] == 7
+    for name in ("proto", "mt"):
+        header, (res,) = read_report(work / "eval" / "3w2s" / name)
+        assert header["seed"] == 7 and next(r for r in st["results"] if r["name"] == name)["per_episode"] == \
+            pytest.approx(res.per_episode, abs=1e-6)
+    # each evaluation records the checkpoint it read and its command (the work folder written <work>)
+    record = json.loads((work / "eval" / "3w2s" / "mt" / "recipe_eval.json").read_text())
+    assert record["checkpoint"] == {"step": 3, "weights_sha256": _weights_sha(work / "runs" / "mt", 3)}
+    assert "eval.seed=7" in record["command"] and "<work>/runs/mt" in record["command"]
+
+    # stage mt retrained with another learning rate (moved away, as the refusal says): same step, other weights
+    def faster(d: dict) -> None:
+        d["evaluate"]["set"] = ["eval.seed=7"]
+        _set(d["stages"][1], "optim.lr", "0.05")
+
+    changed = load_recipe(_variant(tmp_path, "changed", faster))
+    with pytest.raises(RecipeError, match="optim.lr"):
+        run_recipe(changed, work, threads=1, log=lambda _: None)
+    (work / "runs" / "mt").rename(tmp_path / "mt_old")
+    logs.clear()
+    report = run_recipe(changed, work, threads=1, log=logs.append)
+    new_sha = _weights_sha(work / "runs" / "mt", 3)
+    assert new_sha != _weights_sha(tmp_path / "mt_old", 3)
+    assert any(line.startswith("[recipe] eval proto 3w2s: done at step 4") and "kept" in line for line in logs), logs
+    assert any(line.startswith("[recipe] eval mt 3w2s: evaluating again") and new_sha[:12] in line for line in logs)
+    record = json.loads((work / "eval" / "3w2s" / "mt" / "recipe_eval.json").read_text())
+    assert record["checkpoint"] == {"step": 3, "weights_sha256": new_sha}
+    _, (res,) = read_report(work / "eval" / "3w2s" / "mt")
+    assert report["settings"][0]["results"][1]["per_episode"] == pytest.approx(res.per_episode, abs=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_stage_refused_when_its_steps_or_its_warm_start_source_changed(tmp_path: Path) -> None:
+    """A changed train.steps is refused like any config change (not extended); a stage warm-started from a
+    checkpoint its source no longer holds is refused, naming the stage and both checkpoints."""
+    work = tmp_path / "work"
+    v4 = load_recipe(_variant(tmp_path, "v4", lambda d: None))
+    run_recipe(v4, work, threads=1, log=lambda _: None)
+
+    v6 = load_recipe(_variant(tmp_path, "v6", lambda d: _set(d["stages"][0], "train.steps", "6")))
+    with pytest.raises(RecipeError, match=r"train.steps: run 4 vs recipe 6.*move that folder away"):
+        stage_state(v6, v6.stage("proto"), work)
+    with pytest.raises(RecipeError, match="train.steps"):
+        run_recipe(v6, work, threads=1, log=lambda _: None)
+    assert sorted(p.name for p in (work / "runs" / "proto").glob("step-*")) == ["step-00000004"]  # not extended
+    assert json.loads((work / "runs" / "mt" / "recipe_stage.json").read_text())["source"] == {
+        "step": 4, "weights_sha256": _weights_sha(work / "runs" / "proto", 4)}
+
+    # proto moved away: mt's source is gone, refused before anything trains (proto is not retrained for nothing)
+    (work / "runs" / "proto").rename(tmp_path / "proto_v4")
+    with pytest.raises(RecipeError, match=r"stage 'mt'.*warm-started from stage 'proto' at step 4.*no checkpoint"):
+        run_recipe(v6, work, threads=1, log=lambda _: None)
+    assert not list((work / "runs").glob("proto/step-*"))
+    (work / "runs" / "mt").rename(tmp_path / "mt_v4")
+    report = run_recipe(v6, work, threads=1, log=lambda _: None)
+    proto6 = {"step": 6, "weights_sha256": _weights_sha(work / "runs" / "proto", 6)}
+    assert [s["step"] for s in report["stages"]] == [6, 3] and report["stages"][1]["init_checkpoint"] == proto6
+
+    # the recipe back at 4 steps with its old proto: mt (same config, trained from proto at step 6) is stale
+    (work / "runs" / "proto").rename(tmp_path / "proto_v6")
+    (tmp_path / "proto_v4").rename(work / "runs" / "proto")
+    assert stage_state(v4, v4.stage("proto"), work) == ("done", 4)
+    with pytest.raises(RecipeError, match=r"warm-started from stage 'proto' at step 6 .*now holds step 4"):
+        stage_state(v4, v4.stage("mt"), work)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_moved_work_folder_keeps_finished_work_and_resumes(tmp_path: Path) -> None:
+    """A moved --work folder keeps its finished stages and evaluations, and an interrupted stage continues there."""
+    def often(d: dict) -> None:
+        _set(d["stages"][1], "train.ckpt_every", "1")
+        _set(d["stages"][1], "train.keep_last", "3")
+
+    recipe = load_recipe(_variant(tmp_path, "often", often))
+    run_recipe(recipe, tmp_path / "w3", threads=1, log=lambda _: None)
+    (tmp_path / "w3").rename(tmp_path / "w3moved")
+    logs: list[str] = []
+    run_recipe(recipe, tmp_path / "w3moved", threads=1, log=logs.append)
+    assert sum("kept" in line for line in logs) == 4 and not any("done in" in line for line in logs), logs
+
+    # mt stopped at step 2 (its last checkpoint gone), then the folder moved again: the rerun continues mt
+    shutil.rmtree(tmp_path / "w3moved" / "runs" / "mt" / "step-00000003")
+    (tmp_path / "w3moved").rename(tmp_path / "w3again")
+    work = tmp_path / "w3again"
+    logs.clear()
+    report = run_recipe(recipe, work, threads=1, log=logs.append)
+    assert any("mt: continuing from step 2" in line for line in logs), logs
+    assert [(s["step"], s["trained_now"]) for s in report["stages"]] == [(4, False), (3, True)]
+    assert stage_state(recipe, recipe.stage("mt"), work.resolve()) == ("done", 3)
+
+    # a run folder of an older runner (no warm-start record) is kept, and its source's checkpoint recorded from now on
+    (work / "runs" / "mt" / "recipe_stage.json").unlink()
+    logs.clear()
+    run_recipe(recipe, work, threads=1, log=logs.append)
+    assert any("mt: no record of the checkpoint it was warm-started from" in line for line in logs), logs
+    assert sum("kept" in line for line in logs) == 4
+    assert json.loads((work / "runs" / "mt" / "recipe_stage.json").read_text())["source"] == {
+        "step": 4, "weights_sha256": _weights_sha(work / "runs" / "proto", 4)}
+
+
+def _child_pids(pid: int) -> list[int]:
+    """Processes whose parent is `pid` (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _running(pid: int) -> bool:
+    """Whether `pid` exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux only")
+def test_killed_runner_leaves_no_trainer_behind(tmp_path: Path) -> None:
+    """kill -9 of the recipe runner stops its training child too (SIGTERM: it checkpoints and exits), so a rerun
+    never trains next to an orphan; elsewhere than Linux the child launch is unchanged."""
+    import os
+    import signal
+    import subprocess
+
+    from training import recipes
+    from training_processes import wait_for_log_rows
+
+    def long(d: dict) -> None:
+        d["stages"] = d["stages"][:1]
+        d["evaluate"] = {"stages": ["proto"], "settings": ["3w2s"], "episodes": 4, "q_query": 3}
+        _set(d["stages"][0], "train.steps", "100000")
+        _set(d["stages"][0], "train.ckpt_every", "1000")
+
+    recipe = _variant(tmp_path, "long", long)
+    work = tmp_path / "work"
+    cmd = [sys.executable, str(REPO / "scripts" / "benchmark.py"), "--recipe", str(recipe), "--work", str(work),
+           "--out", str(tmp_path / "out"), "--threads", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    # files, not pipes: an orphan writing into a full pipe nobody reads would block instead of running on
+    with open(tmp_path / "out.txt", "w") as out, open(tmp_path / "err.txt", "w") as err:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=err, cwd=REPO, start_new_session=True)
+    trainers: list[int] = []
+    try:
+        wait_for_log_rows(proc, work / "runs" / "proto" / "log.csv", rows=3, timeout=90)
+        trainers = [p for p in _child_pids(proc.pid) if b"train" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        assert len(trainers) == 1, trainers
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        deadline = time.monotonic() + 60
+        while _running(trainers[0]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _running(trainers[0]), "the training child outlived its killed recipe runner"
+    finally:
+        for pid in [proc.pid, *trainers]:
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait()
+    state, step = stage_state(load_recipe(recipe), load_recipe(recipe).stages[0], work)
+    assert state == "partial" and step is not None and step >= 3
+    assert (work / "runs" / "proto" / f"step-{step:08d}").is_dir()  # the SIGTERM's own checkpoint
+
+    assert callable(recipes._die_with_parent())
+    original = sys.platform
+    try:
+        sys.platform = "darwin"
+        assert recipes._die_with_parent() is None
+    finally:
+        sys.platform = original

@@ -22,16 +22,37 @@ A recipe is a YAML file (examples in training/recipes/)::
 
 `run_recipe` trains each stage with ``metaformer train --resume`` in ``<work>/runs/<stage>`` (a finished stage
 whose saved config matches is skipped, an interrupted one continues where it stopped), evaluates every listed
-stage on every setting's episodes with ``metaformer eval`` (kept when already done for the same checkpoint
-step), pairs them on the shared episodes and writes a markdown report and a JSON file. Each stage and
-evaluation runs as a child process, and the report lists their exact commands. A stage's ``init_from`` may
-also be a folder path (with a ``/``, relative to the repository root), e.g. ``pretrained/omniglot_meta_transformer``:
-a shipped model or another run's folder that the chain continues from.
+stage on every setting's episodes with ``metaformer eval``, pairs them on the shared episodes and writes a markdown
+report and a JSON file. Each stage and evaluation runs as a child process, and the report lists their exact
+commands. A stage's ``init_from`` may also be a folder path (with a ``/``, relative to the repository root), e.g.
+``pretrained/omniglot_meta_transformer``: a shipped model or another run's folder that the chain continues from.
+
+What is kept on a rerun, and what is refused (the runner never deletes, overwrites or extends a run folder on its
+own: a run that does not match the recipe is the user's to move away, since it may hold hours of training):
+
+- A stage's run folder is refused when its saved config differs from the stage's, key by key, with the
+  run-control keys aside -- except ``train.steps``: the learning-rate schedule spans ``train.steps``, so a run
+  to 12 steps is not a run to 8 steps continued, and a changed ``train.steps`` is refused like any other change.
+- Before a warm-started stage first trains, the runner writes ``<run>/recipe_stage.json`` with the identity of the
+  checkpoint it starts from (its step and the sha256 of its weights, from the checkpoint's meta.json). A stage
+  whose source now holds another checkpoint (the earlier stage was retrained or extended) is refused, naming
+  both. Every stage is checked before anything trains. A run folder of an older runner, without that record,
+  is kept and the source's current checkpoint recorded (said in the log).
+- An evaluation is kept only when ``<eval>/recipe_eval.json`` names the checkpoint it evaluated (step and weights
+  sha256) and its whole command (``--set`` and ``evaluate.set`` included), and both equal the current ones;
+  otherwise it runs again (the log says why).
+- Paths are compared relative to the work folder, so a moved ``--work`` folder resumes: a stage's warm start is
+  the run folder ``runs/<stage>`` of whichever work folder holds it, and the evaluation commands recorded write the
+  work folder as ``<work>`` (and leave out ``--data-root``).
+- The children get SIGTERM when the runner dies (Linux ``PR_SET_PDEATHSIG``): a killed runner leaves no trainer
+  behind (a trainer writes its checkpoint and stops, as on Ctrl-C), so a rerun does not train next to one.
 """
 
 from __future__ import annotations
 
 import csv
+import ctypes
+import hashlib
 import json
 import os
 import re
@@ -236,10 +257,12 @@ def stage_config(stage: Stage) -> "Config":  # noqa: F821 - training.config.Conf
     return load_config(_config_path(stage.config), stage.overrides)
 
 
-def stage_overrides(recipe: Recipe, stage: Stage, work: Path, threads: Optional[int]) -> list[str]:
-    """The stage's own overrides plus the run folder, the warm start and the thread count the runner fixes."""
+def stage_overrides(recipe: Recipe, stage: Stage, work: Path, threads: Optional[int],
+                    init_from: Optional[str] = None) -> list[str]:
+    """The stage's own overrides plus the run folder, the warm start (`init_from` instead of the source's folder when
+    given) and the thread count the runner fixes."""
     extra = [f"out_dir={work / 'runs' / stage.name}"]
-    source = stage.warm_start_source(work)
+    source = init_from or stage.warm_start_source(work)
     if source is not None:
         extra.append(f"train.init_from={source}")
     if threads:
@@ -247,9 +270,11 @@ def stage_overrides(recipe: Recipe, stage: Stage, work: Path, threads: Optional[
     return list(stage.overrides) + extra
 
 
-def train_command(recipe: Recipe, stage: Stage, work: Path, threads: Optional[int], data_root: Optional[str]) -> list[str]:
+def train_command(recipe: Recipe, stage: Stage, work: Path, threads: Optional[int], data_root: Optional[str],
+                  init_from: Optional[str] = None) -> list[str]:
     """`metaformer train --resume ...` arguments (without the program) for one stage."""
-    args = ["train", "--resume", "--config", stage.config, "--set", *stage_overrides(recipe, stage, work, threads)]
+    args = ["train", "--resume", "--config", stage.config, "--set",
+            *stage_overrides(recipe, stage, work, threads, init_from)]
     return args + (["--data-root", data_root] if data_root else [])
 
 
@@ -272,14 +297,68 @@ def shown(args: Sequence[str]) -> str:
     return "metaformer " + " ".join(shlex.quote(a) for a in args)
 
 
-def _same_init(saved: Optional[str], wanted: Optional[str]) -> bool:
+STAGE_RECORD = "recipe_stage.json"  # in a stage's run folder: the checkpoint it was warm-started from
+EVAL_RECORD = "recipe_eval.json"  # in an evaluation's folder: the checkpoint it evaluated and its command
+WORK_MARK = "<work>"  # how recorded commands write the work folder, so that a moved work folder still matches
+
+
+def checkpoint_identity(folder: Path) -> Optional[dict]:
+    """{"step", "weights_sha256"} of the checkpoint `folder` resolves to (a run's latest); None when it holds none."""
+    from training import checkpoint as ckpt_io
+
+    try:
+        path = ckpt_io.resolve_checkpoint(folder)
+    except ckpt_io.CheckpointError:
+        return None
+    meta_path = path / ckpt_io.META_FILE
+    try:
+        meta = json.loads(meta_path.read_text())
+        step = int(meta["step"])
+        digest = (meta.get("files") or {}).get(ckpt_io.WEIGHTS_FILE, {}).get("sha256")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ckpt_io.CheckpointError(f"{meta_path} is unreadable or damaged ({exc}); move {path} out of its run "
+                                      "folder (the run then continues from its previous checkpoint)") from None
+    if not digest:
+        # a manifest without file hashes (an early format): hash the weights the way checkpoint.py does
+        h = hashlib.sha256()
+        with open(path / ckpt_io.WEIGHTS_FILE, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        digest = h.hexdigest()
+    return {"step": step, "weights_sha256": digest}
+
+
+def _describe(identity: Optional[dict]) -> str:
+    """A checkpoint identity as the messages show it."""
+    if identity is None:
+        return "no checkpoint"
+    return f"step {identity.get('step')} (weights sha256 {str(identity.get('weights_sha256'))[:12]})"
+
+
+def _read_record(path: Path) -> Optional[dict]:
+    """A JSON record written by this runner, or None when missing or unreadable (then it is not trusted)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _same_init(saved: Optional[str], wanted: Optional[str], stage_source: Optional[str] = None) -> bool:
+    """Whether a run's saved train.init_from is the warm start the recipe asks for.
+
+    With `stage_source` (the warm start is that earlier stage), any work folder's ``runs/<stage_source>`` matches:
+    the run folders move with their work folder, and the weights themselves are checked by the stage record."""
     if not saved or not wanted:
         return saved == wanted
-    return Path(saved).resolve() == Path(wanted).resolve()
+    if Path(saved).resolve() == Path(wanted).resolve():
+        return True
+    return stage_source is not None and Path(saved).parts[-2:] == ("runs", stage_source)
 
 
 def stage_state(recipe: Recipe, stage: Stage, work: Path) -> tuple[str, Optional[int]]:
-    """("done" | "partial" | "new", step) of a stage's run folder; refuses a folder trained with another config."""
+    """("done" | "partial" | "new", step) of a stage's run folder; refuses a folder trained with another config or
+    warm-started from another checkpoint than its source holds now."""
     from training import checkpoint as ckpt_io
 
     run = work / "runs" / stage.name
@@ -291,29 +370,137 @@ def stage_state(recipe: Recipe, stage: Stage, work: Path) -> tuple[str, Optional
         return "new", None
     cfg = load_config(_config_path(stage.config), stage_overrides(recipe, stage, work, None))
     diffs = config_differences(ckpt.config, cfg)
-    if "train.init_from" in diffs and _same_init(*diffs["train.init_from"]):
-        del diffs["train.init_from"]  # the same folder reached through another path (e.g. a linked run)
+    if "train.init_from" in diffs and _same_init(*diffs["train.init_from"], stage_source=stage.init_from):
+        del diffs["train.init_from"]  # the same folder reached through another path (a linked run, a moved work folder)
+    why = ""
+    if ckpt.config.train.steps != cfg.train.steps:
+        # train.steps is a run-control key for `--resume`, but the cosine / linear schedule spans it: extending a
+        # finished run restarts its decayed learning rate, and the result is not what the recipe's command trains
+        diffs["train.steps"] = (ckpt.config.train.steps, cfg.train.steps)
+        why = ("; the learning-rate schedule spans train.steps, so a run to another train.steps is not this one "
+               "continued")
     if diffs:
         lines = "; ".join(f"{k}: run {a!r} vs recipe {b!r}" for k, (a, b) in diffs.items())
-        raise RecipeError(f"{run} was trained with another config than stage {stage.name!r} of {recipe.path} ({lines}); "
-                          f"move that folder away or pass another --work folder")
+        raise RecipeError(f"{run} was trained with another config than stage {stage.name!r} of {recipe.path} ({lines}"
+                          f"{why}); move that folder away (the stage then trains from scratch) or pass another --work "
+                          "folder")
+    source = stage.warm_start_source(work)
+    record = _read_record(run / STAGE_RECORD)
+    if source is not None and record is not None:
+        now = checkpoint_identity(source)
+        if record.get("source") != now:
+            what = f"stage {stage.init_from!r}" if stage.init_from else f"the folder {stage.init_path!r}"
+            raise RecipeError(
+                f"{run} (stage {stage.name!r} of {recipe.path}) was warm-started from {what} at "
+                f"{_describe(record.get('source'))}, but {source} now holds {_describe(now)}: {what} was moved, "
+                f"retrained or changed since, and stage {stage.name!r} no longer continues from it; move {run} away "
+                "(it is then retrained from the current weights) or pass another --work folder")
     return ("done" if ckpt.step >= cfg.train.steps else "partial"), ckpt.step
 
 
-def _eval_current(path: Path, recipe: Recipe, setting: tuple[int, int], step: Optional[int]) -> bool:
-    """True when `path` holds this stage's evaluation on this setting at its current checkpoint step."""
+def _write_stage_record(stage: Stage, work: Path) -> Optional[dict]:
+    """Record in the stage's run folder which checkpoint its warm start copies (None for a cold start)."""
+    source = stage.warm_start_source(work)
+    if source is None:
+        return None
+    identity = checkpoint_identity(source)
+    run = work / "runs" / stage.name
+    run.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run / STAGE_RECORD, json.dumps(
+        {"init_from": stage.init_from or stage.init_path, "source": identity}, indent=2))
+    return identity
+
+
+def _adopt_stage_record(recipe: Recipe, stage: Stage, work: Path, log: Callable[[str], None]) -> None:
+    """Give a warm-started run folder of an older runner (no record) its source's current checkpoint as its record."""
+    run, source = work / "runs" / stage.name, stage.warm_start_source(work)
+    if source is None or _read_record(run / STAGE_RECORD) is not None:
+        return
+    if checkpoint_identity(source) is None:
+        raise RecipeError(f"{run} (stage {stage.name!r} of {recipe.path}) has no {STAGE_RECORD} (an older runner) and "
+                          f"its warm-start source {source} holds no checkpoint, so nothing tells which weights it "
+                          "started from; move that folder away (it is then retrained) or pass another --work folder")
+    identity = _write_stage_record(stage, work)
+    log(f"[recipe] stage {stage.name}: no record of the checkpoint it was warm-started from (an older runner); "
+        f"recorded {source} at {_describe(identity)}, which it is checked against from now on")
+
+
+def _saved_init_from(run: Path) -> Optional[str]:
+    """train.init_from in the config of a run's latest checkpoint (None when unreadable or unset)."""
+    from training import checkpoint as ckpt_io
+
+    try:
+        saved = yaml.safe_load((ckpt_io.resolve_checkpoint(run) / ckpt_io.CONFIG_FILE).read_text()) or {}
+        return (saved.get("train") or {}).get("init_from")
+    except (ckpt_io.CheckpointError, OSError, yaml.YAMLError, AttributeError):
+        return None
+
+
+def eval_record(recipe: Recipe, stage: Stage, setting: tuple[int, int], checkpoint: Optional[dict]) -> dict:
+    """What an evaluation depends on: the checkpoint it evaluates and its command (the work folder written
+    <work>, --data-root left out: moving either does not change the episodes, which the reports fingerprint)."""
+    return {"checkpoint": checkpoint,
+            "command": eval_command(recipe, stage, setting, Path(WORK_MARK), None)}
+
+
+def _eval_stale(path: Path, recipe: Recipe, setting: tuple[int, int], wanted: dict) -> Optional[str]:
+    """Why the evaluation in `path` cannot be kept for `wanted` (see eval_record), or None when it can."""
     try:
         header, results = read_report(path)
-    except (FileNotFoundError, ValueError):
-        return False
+    except FileNotFoundError:
+        return "not evaluated yet"
+    except ValueError as exc:
+        return f"its eval.json is unusable ({exc})"
     want = {"n_way": setting[0], "k_shot": setting[1], "q_query": recipe.q_query, "episodes": recipe.episodes}
-    return all(header.get(k) == v for k, v in want.items()) and len(results) == 1 and results[0].step == step
+    if not all(header.get(k) == v for k, v in want.items()) or len(results) != 1:
+        return "its eval.json holds other settings"
+    record = _read_record(path / EVAL_RECORD)
+    if record is None:
+        return "no record of the checkpoint it evaluated (an older runner, or the evaluation did not finish)"
+    if record.get("checkpoint") != wanted["checkpoint"] or results[0].step != (wanted["checkpoint"] or {}).get("step"):
+        return (f"it evaluated {_describe(record.get('checkpoint'))}, the run now holds "
+                f"{_describe(wanted['checkpoint'])}")
+    ran = record.get("command") or []
+    if ran != wanted["command"]:
+        added = [a for a in wanted["command"] if a not in ran]
+        dropped = [a for a in ran if a not in wanted["command"]]
+        changes = ([f"now with {' '.join(added)}"] if added else []) + (
+            [f"no longer with {' '.join(dropped)}"] if dropped else [])
+        return f"its command changed ({'; '.join(changes) or 'the order of its arguments'})"
+    return None
+
+
+# Linux prctl option: the signal a child gets when the thread that forked it exits (prctl(2))
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> Optional[Callable[[], None]]:
+    """A Popen preexec_fn that has the child get SIGTERM when the runner dies (Linux); None elsewhere (a no-op)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        # resolved here, in the parent: between fork and exec the child should only make the call itself
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        """In the child before exec: ask for SIGTERM on the runner's death (a kill -9 included)."""
+        # SIGTERM, not SIGKILL: the trainer then finishes its step and writes a checkpoint (as on Ctrl-C), so the
+        # rerun continues from there; without it a killed runner leaves an orphan trainer, and a rerun starts a
+        # second one on the same run folder. The signal follows the forking *thread*: Popen runs on the main one.
+        prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent:  # the runner died before the prctl call: no signal will come
+            os._exit(128 + int(signal.SIGTERM))
+
+    return preexec
 
 
 def _run(cmd: list[str], log: Callable[[str], None], cwd: Path) -> None:
     """Run `python -m metaformer CMD` as a child (inheriting stdout/stderr: the trainer's progress shows)."""
     t0 = time.time()
-    proc = subprocess.Popen([sys.executable, "-m", "metaformer", *cmd], cwd=cwd)
+    proc = subprocess.Popen([sys.executable, "-m", "metaformer", *cmd], cwd=cwd, preexec_fn=_die_with_parent())
     while True:
         try:
             proc.wait()
@@ -331,24 +518,29 @@ def _run(cmd: list[str], log: Callable[[str], None], cwd: Path) -> None:
     log(f"[recipe] done in {time.time() - t0:.0f} s: {shown(cmd)}")
 
 
-def _run_parallel(cmds: list[list[str]], jobs: int, log: Callable[[str], None], cwd: Path) -> None:
-    """Run evaluation commands, `jobs` at a time (each child prints only its table)."""
-    pending, running, failed = list(cmds), [], []
+def _run_parallel(cmds: list[list[str]], jobs: int, log: Callable[[str], None], cwd: Path,
+                  on_success: Optional[Callable[[int], None]] = None) -> None:
+    """Run evaluation commands, `jobs` at a time (each child prints only its table); `on_success(i)` after the
+    i-th succeeds, so that the finished ones are recorded even when another fails."""
+    pending, running, failed = list(enumerate(cmds)), [], []
     # share the cores between the children instead of every one starting a thread per core
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // max(1, jobs)))}
     while pending or running:
         while pending and len(running) < max(1, jobs):
-            cmd = pending.pop(0)
-            running.append((cmd, time.time(), subprocess.Popen([sys.executable, "-m", "metaformer", *cmd], cwd=cwd,
-                                                               stdout=subprocess.DEVNULL, env=env)))
+            i, cmd = pending.pop(0)
+            running.append((i, cmd, time.time(), subprocess.Popen(
+                [sys.executable, "-m", "metaformer", *cmd], cwd=cwd, stdout=subprocess.DEVNULL, env=env,
+                preexec_fn=_die_with_parent())))
         time.sleep(0.2)
         for item in list(running):
-            cmd, t0, proc = item
+            i, cmd, t0, proc = item
             if proc.poll() is not None:
                 running.remove(item)
                 if proc.returncode != 0:
                     failed.append(shown(cmd))
                 else:
+                    if on_success is not None:
+                        on_success(i)
                     log(f"[recipe] done in {time.time() - t0:.0f} s: {shown(cmd)}")
     if failed:
         raise RuntimeError(f"{len(failed)} evaluation(s) failed (their errors are above): {'; '.join(failed)}; "
@@ -388,10 +580,24 @@ def run_recipe(recipe: Recipe, work: Path, *, data_root: Optional[str] = None, t
     work = Path(work).resolve()
     data_root = str(Path(data_root).resolve()) if data_root else None  # the children run from the repository root
     (work / "runs").mkdir(parents=True, exist_ok=True)
+    # every stage is checked before anything trains: a refused later stage should not wait for hours of earlier ones
+    for stage in recipe.stages:
+        if stage_state(recipe, stage, work)[0] != "new":
+            _adopt_stage_record(recipe, stage, work, log)
     stages_out = []
     for i, stage in enumerate(recipe.stages, 1):
+        run = work / "runs" / stage.name
         state, step = stage_state(recipe, stage, work)
-        cmd = train_command(recipe, stage, work, threads, data_root)
+        init_from = None
+        if state == "new":
+            _write_stage_record(stage, work)  # before the trainer copies those weights: the source is finished now
+        elif state == "partial" and stage.init_from:
+            # A resumed run restores its own weights (the warm start is not applied again), but the trainer refuses a
+            # train.init_from other than the saved one: after the work folder moved, pass the saved path unchanged.
+            saved, source = _saved_init_from(run), str(stage.warm_start_source(work))
+            if saved and saved != source and _same_init(saved, source, stage.init_from):
+                init_from = saved
+        cmd = train_command(recipe, stage, work, threads, data_root, init_from)
         trained_now = state != "done"
         if state == "done":
             log(f"[recipe] stage {i}/{len(recipe.stages)} {stage.name}: finished at step {step}, kept")
@@ -403,20 +609,41 @@ def run_recipe(recipe: Recipe, work: Path, *, data_root: Optional[str] = None, t
             if state != "done":
                 raise RuntimeError(f"stage {stage.name!r} stopped at step {step} before its train.steps (a time cap, "
                                    "train.max_minutes?); rerun the recipe to continue it")
+        record = _read_record(run / STAGE_RECORD) or {}
         stages_out.append({"name": stage.name, "title": stage.title or stage.name, "config": stage.config,
                            "init_from": stage.init_from or stage.init_path, "step": step, "command": shown(cmd),
-                           "trained_now": trained_now, "train_seconds": training_seconds(work / "runs" / stage.name)})
-    todo = []
+                           "trained_now": trained_now, "train_seconds": training_seconds(run),
+                           "weights": checkpoint_identity(run), "init_checkpoint": record.get("source")})
+    todo: list[list[str]] = []
+    pending: list[tuple[Path, Stage, tuple[int, int]]] = []
     for setting in recipe.settings:
         for name in recipe.evaluated_on(setting):
-            step = next(s["step"] for s in stages_out if s["name"] == name)
-            if _eval_current(eval_dir(work, name, setting), recipe, setting, step):
-                log(f"[recipe] eval {name} {setting_key(setting)}: done at step {step}, kept")
-            else:
-                todo.append(eval_command(recipe, recipe.stage(name), setting, work, data_root))
+            weights = next(s["weights"] for s in stages_out if s["name"] == name)
+            folder = eval_dir(work, name, setting)
+            reason = _eval_stale(folder, recipe, setting, eval_record(recipe, recipe.stage(name), setting, weights))
+            if reason is None:
+                log(f"[recipe] eval {name} {setting_key(setting)}: done at {_describe(weights)}, kept")
+                continue
+            if reason != "not evaluated yet":
+                log(f"[recipe] eval {name} {setting_key(setting)}: evaluating again, {reason}")
+            # the record goes first, so that an evaluation that stops halfway is never taken for the recorded one
+            (folder / EVAL_RECORD).unlink(missing_ok=True)
+            todo.append(eval_command(recipe, recipe.stage(name), setting, work, data_root))
+            pending.append((folder, recipe.stage(name), setting))
+
+    def record_eval(i: int) -> None:
+        """Record which checkpoint the i-th evaluation read (its eval.json names the step folder) and its command."""
+        folder, stage, setting = pending[i]
+        try:
+            (result,) = read_report(folder)[1]
+            evaluated = checkpoint_identity(Path(result.checkpoint)) if result.checkpoint else None
+        except (OSError, ValueError):
+            return  # no record: the next run evaluates it again
+        atomic_write_text(folder / EVAL_RECORD, json.dumps(eval_record(recipe, stage, setting, evaluated), indent=2))
+
     if todo:
         log(f"[recipe] {len(todo)} evaluation(s) of {recipe.episodes} episodes, {jobs} at a time")
-        _run_parallel(todo, jobs, log, ROOT)
+        _run_parallel(todo, jobs, log, ROOT, on_success=record_eval)
     settings_out = []
     for setting in recipe.settings:
         names = recipe.evaluated_on(setting)
@@ -471,7 +698,9 @@ def recipe_markdown(report: dict, meta: dict, command: str) -> str:
         md.append(f"| {s['name']} | {s['init_from'] or '-'} | {s['step']} | {t} | {ran} | `{s['command']}` |")
     md += ["", "Training time is the sum of the run's logged wall time over its resumed segments, on whatever "
            "machine trained it. A stage kept from an earlier run was trained by the same config (checked key by key, "
-           "run-control keys such as the thread count aside), not necessarily by the command shown.", "",
+           "run-control keys such as the thread count aside, train.steps included) from the same warm-start weights "
+           "(checkpoint step and sha256), not necessarily by the command shown; an evaluation is kept only for the "
+           "same checkpoint (step and weights sha256) and the same command.", "",
            f"## Test {unit}", "",
            "| stage | " + " | ".join(st["setting"] for st in settings) + " |",
            "|---|" + "---:|" * len(settings)]
