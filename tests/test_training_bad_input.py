@@ -202,3 +202,23 @@ def test_a_time_capped_run_says_how_to_continue(tmp_path: Path, capsys: pytest.C
     result = train(load_config(TINY, [f"out_dir={tmp_path / 'run'}", "train.steps=1000", "train.max_minutes=0.0001"]))
     assert result.step < 1000
     assert f"reached at step {result.step} of train.steps=1000" in capsys.readouterr().out
+
+
+def test_the_log_is_rewritten_atomically_on_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from training import logs
+
+    path = tmp_path / "log.csv"
+    rows = "".join(f"{s},{4 * s},0.5,,,,,,,,,\r\n" for s in range(1, 6))
+    path.write_text(",".join(logs.CSV_FIELDS) + "\r\n" + rows, newline="")
+    before = path.read_bytes()
+
+    def crash(*args: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(logs, "atomic_write_text", crash)
+    with pytest.raises(OSError):
+        logs.truncate_csv(path, 3)
+    assert path.read_bytes() == before  # nothing lost when the rewrite fails
+    monkeypatch.undo()
+    logs.truncate_csv(path, 3)
+    assert [line.split(",")[0] for line in path.read_text().splitlines()[1:]] == ["1", "2", "3"]

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import csv
+import io
 import math
 from pathlib import Path
 from typing import Optional
+
+from training.atomic import atomic_write_text
 
 CSV_NAME = "log.csv"
 CSV_FIELDS = ("step", "episodes", "loss", "accuracy", "mse", "lr", "grad_norm", "episodes_per_s", "skipped",
@@ -18,10 +21,11 @@ def truncate_csv(path: Path, last_step: int) -> None:
         return
     with open(path, newline="") as fh:
         rows = [r for r in csv.DictReader(fh) if r.get("step") and int(r["step"]) <= last_step]
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=CSV_FIELDS)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, out.getvalue())  # a crash while rewriting must not lose the rows it keeps
 
 
 class RunLogger:
