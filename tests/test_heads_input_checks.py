@@ -255,3 +255,16 @@ def test_a_damaged_safetensors_file_is_a_value_error_naming_it(tmp_path: Path) -
     (tmp_path / "model.safetensors").write_bytes(b"\x00" * 12)
     with pytest.raises(ValueError, match="model.safetensors is not a readable safetensors file"):
         MetaTransformer.from_pretrained(tmp_path)
+
+
+def test_an_overflowing_logit_is_not_mistaken_for_a_bad_label() -> None:
+    """fp16 logits that overflow to -inf at a valid label: the trainer's non-finite policy handles that, not a
+    label error."""
+    from metaformer.heads.losses import check_targets
+
+    out = torch.zeros(2, 3, 4)
+    out[0, 0, 1] = float("-inf")
+    y = torch.tensor([[1, 0, 2], [3, 3, 0]])
+    check_targets(out, y, None, "classification", torch.tensor([3, 4]))
+    with pytest.raises(ValueError, match="query label 3 of task 0"):
+        check_targets(out, torch.tensor([[3, 0, 2], [3, 3, 0]]), None, "classification", torch.tensor([3, 4]))

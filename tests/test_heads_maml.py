@@ -338,6 +338,21 @@ def test_per_step_batchnorm_loads_a_table_with_untrained_extra_rows() -> None:
     assert torch.equal(new.per_step_bn.weight[1], old.per_step_bn.weight[1] + 1.0)
 
 
+def test_the_checkpoint_loader_accepts_per_step_tables_with_untrained_extra_rows() -> None:
+    """`metaformer eval` / `--resume` compare shapes before load_state_dict: the old tables are cut there too."""
+    from pathlib import Path
+
+    from training.checkpoint import Checkpoint, load_weights_into
+    from training.config import Config
+
+    old = MAML(small_conv(), N, inner_steps=1, batch_norm="per_step").double()
+    state = {k: (torch.cat([v, torch.full_like(v, 7.0)]) if k.startswith("per_step_bn.") else v)
+             for k, v in old.state_dict().items()}
+    new = MAML(small_conv(), N, inner_steps=1, batch_norm="per_step").double()
+    load_weights_into(new, Checkpoint(Path("old"), 1, "maml", "MAML", Config(), state), "maml")
+    assert all(torch.equal(v, old.state_dict()[k]) for k, v in new.state_dict().items())
+
+
 def test_lstm_meta_learner_first_step_is_sgd_with_gate_rates() -> None:
     """At init the forget gate is ~1 and the input gate ~inner_lr: the first step is almost SGD."""
     torch.manual_seed(0)

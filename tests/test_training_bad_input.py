@@ -20,7 +20,7 @@ from training.checkpoint import CheckpointError, RunLock, export_checkpoint, lis
 from training.config import ConfigError, load_config
 from training.demo import run_demo
 from training.registry import build_episodes, build_model
-from training.trainer import NonFiniteLossError, train
+from training.trainer import NonFiniteLossError, Trainer, train
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "training" / "configs" / "tiny.yaml"
@@ -90,7 +90,8 @@ def test_data_config_mistakes_are_config_errors(config: Path, overrides: list[st
         build_episodes(load_config(config, overrides), split)
 
 
-@pytest.mark.parametrize(("override", "match"), [("optim.lr=inf", "finite"), ("optim.betas=[a, b]", "betas")])
+@pytest.mark.parametrize(("override", "match"), [("optim.lr=inf", "finite"), ("optim.lr=1e300", "3.4e38"),
+                                               ("optim.betas=[a, b]", "betas")])
 def test_optimiser_values_that_cannot_train_are_refused(override: str, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         load_config(TINY, [override])
@@ -160,11 +161,25 @@ def test_consecutive_skips_count_across_a_resume(tmp_path: Path) -> None:
         train(load_config(SINUSOID, _diverging(split, 20)), resume=True)
 
 
-def test_a_step_that_makes_the_weights_non_finite_stops_training(tmp_path: Path) -> None:
-    cfg = load_config(TINY, [f"out_dir={tmp_path / 'run'}", "optim.name=sgd", "optim.momentum=0.0", "optim.lr=3e38",
-                             "optim.grad_clip=null", "train.nan_policy=skip", "train.steps=6"])
-    with pytest.raises(NonFiniteLossError, match="made the weights non-finite.*last checkpoint is intact"):
-        train(cfg)
+def test_weights_overflowed_by_a_step_stop_training_with_a_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    real_step = Trainer._train_step
+
+    def overflowing_step(self: Trainer, batch: object) -> tuple:
+        """The real step, then a weight overflowed to inf (as a huge optim.lr does with large gradients)."""
+        out = real_step(self, batch)
+        with torch.no_grad():
+            next(self.model.parameters()).view(-1)[0] = float("inf")
+        return out
+
+    monkeypatch.setattr(Trainer, "_train_step", overflowing_step)
+    run = tmp_path / "run"
+    args = ["train", "--config", str(TINY), "--set", f"out_dir={run}", "train.steps=6", "train.ckpt_every=3",
+            "train.nan_policy=skip", "train.max_skips=30"]
+    assert main(args) == 3  # was a NonFiniteStateError traceback (exit 1) at the first checkpoint
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "refusing to write checkpoint at step 3" in err[0] and "lower optim.lr" in err[0]
+    assert not list_checkpoints(run)
 
 
 def test_a_second_trainer_on_the_same_run_folder_is_refused(tmp_path: Path) -> None:
@@ -205,7 +220,8 @@ def test_a_time_capped_run_says_how_to_continue(tmp_path: Path, capsys: pytest.C
 
 
 def test_the_log_is_rewritten_atomically_on_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from training import logs
+    """A crash after the new log's temporary file is written, before it replaces the old one, keeps the old one."""
+    from training import atomic, logs
 
     path = tmp_path / "log.csv"
     rows = "".join(f"{s},{4 * s},0.5,,,,,,,,,\r\n" for s in range(1, 6))
@@ -213,9 +229,9 @@ def test_the_log_is_rewritten_atomically_on_resume(tmp_path: Path, monkeypatch: 
     before = path.read_bytes()
 
     def crash(*args: object) -> None:
-        raise OSError("disk full")
+        raise OSError("killed before the rename")
 
-    monkeypatch.setattr(logs, "atomic_write_text", crash)
+    monkeypatch.setattr(atomic.os, "replace", crash)
     with pytest.raises(OSError):
         logs.truncate_csv(path, 3)
     assert path.read_bytes() == before  # nothing lost when the rewrite fails

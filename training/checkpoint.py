@@ -21,6 +21,7 @@ import math
 import os
 import re
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -93,6 +94,8 @@ def save_checkpoint(
         raise NonFiniteStateError(
             f"refusing to write checkpoint at step {step}: non-finite values in {', '.join(bad[:5])}"
             + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+            + "; an optimizer step overflowed the weights (lower optim.lr or enable optim.grad_clip); the run's "
+            "earlier checkpoints are intact and --resume continues from the last one"
         )
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -246,7 +249,12 @@ class RunLock:
         f = open(self.path, "a+")
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as exc:
+            if not isinstance(exc, BlockingIOError):  # a file system without flock (some NFS mounts): unguarded
+                f.close()
+                warnings.warn(f"cannot lock {self.path} ({exc}); two trainers on this run folder would not be "
+                              "stopped", stacklevel=2)
+                return
             f.seek(0)
             holder = f.read().strip() or "another process"
             f.close()
@@ -403,6 +411,9 @@ def load_weights_into(model: torch.nn.Module, ckpt: Checkpoint, model_name: str)
             f"use the checkpoint's own config (omit --config) or a checkpoint of '{model_name}'"
         )
     expected = model.state_dict()
+    from metaformer.heads.batchnorm import trim_per_step_tables
+
+    ckpt.model_state = trim_per_step_tables(ckpt.model_state, expected)  # tables of older versions had extra rows
     missing = sorted(set(expected) - set(ckpt.model_state))
     unexpected = sorted(set(ckpt.model_state) - set(expected))
     shape_bad = [

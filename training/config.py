@@ -419,7 +419,8 @@ def validate(cfg: Config) -> None:
     _check(t.max_minutes is None or t.max_minutes > 0, f"train.max_minutes must be > 0 or null, got {t.max_minutes}")
     _check(o.name in OPTIMIZERS, f"optim.name must be one of {', '.join(OPTIMIZERS)}, got {o.name!r}")
     _check(o.schedule in SCHEDULES, f"optim.schedule must be one of {', '.join(SCHEDULES)}, got {o.schedule!r}")
-    _check(0 < o.lr < math.inf, f"optim.lr must be a finite number > 0, got {o.lr}")
+    # float32 weights cannot take a larger step size (it overflows when the optimizer converts it)
+    _check(0 < o.lr < 3.4e38, f"optim.lr must be a finite number > 0 (below 3.4e38, float32's largest), got {o.lr}")
     _check(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
     _check(len(o.betas) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
                                      for b in o.betas), f"optim.betas must be two numbers in [0, 1), got {o.betas}")

@@ -265,8 +265,6 @@ class Trainer:
         self.skipped = int(state.get("skipped", 0))
         self.consecutive_skips = int(state.get("consecutive_skips", 0))
         self.best_value = state.get("best_value")
-        if self.info.is_main:
-            ckpt_io.reconcile_best(self.run_dir)  # a kill between a checkpoint and its best.json update
         return True
 
     def save(self, metrics: dict[str, float]) -> Optional[Path]:
@@ -316,8 +314,17 @@ class Trainer:
         finished = False
         lock = ckpt_io.RunLock(self.run_dir) if self.info.is_main else None
         try:
+            refused: Optional[ckpt_io.CheckpointError] = None
             if lock is not None:
-                lock.acquire()
+                try:
+                    lock.acquire()
+                except ckpt_io.CheckpointError as exc:
+                    refused = exc
+            # every rank stops when rank 0 could not lock the folder (the others would wait in a collective)
+            if any_rank(refused is not None, self.info, self.device):
+                raise refused or ckpt_io.CheckpointError(f"{self.run_dir} is being trained by another process")
+            if self.resume and self.info.is_main:
+                ckpt_io.reconcile_best(self.run_dir)  # a kill between a checkpoint and its best.json update
             result = self._run()
             finished = True
             if result.interrupted:
@@ -557,15 +564,6 @@ class Trainer:
             return {"loss": float("nan")}, True
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        # finite gradients can still overflow the weights (a huge optim.lr): such a step cannot be skipped after
-        # the fact, and the next checkpoint would be refused, so stop here with the last checkpoint intact
-        if self.params and any_rank(
-                not math.isfinite(float(torch.stack([p.detach().sum() for p in self.params]).sum().float())),
-                self.info, self.device):
-            raise NonFiniteLossError(
-                f"the optimizer step at step {self.step + 1} made the weights non-finite (optim.lr={cfg.optim.lr}, "
-                f"gradient norm {grad_norm}); the last checkpoint is intact. Lower optim.lr or enable optim.grad_clip"
-            )
         with warnings.catch_warnings():
             # a step the GradScaler skipped for overflow still advances the schedule, by design
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")

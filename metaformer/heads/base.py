@@ -97,7 +97,7 @@ class FewShotHead(nn.Module, ABC):
         with self.statistics_scope():
             predictor = self.adapt_batch(batch.support_x, batch.support_y, batch.support_mask, batch.n_way)
             out = predictor(batch.query_x, batch.query_mask)
-        check_targets(out, batch.query_y, batch.query_mask, self.kind)
+        check_targets(out, batch.query_y, batch.query_mask, self.kind, getattr(batch, "n_way", None))
         per_task = task_losses(out, batch.query_y, batch.query_mask, self.kind)
         return per_task.mean(), batch_metrics(out, batch.query_y, batch.query_mask, self.kind, per_task)
 
@@ -189,9 +189,6 @@ class FewShotHead(nn.Module, ABC):
             support_mask = torch.arange(s, device=support_y.device)[None, :] < lengths[:, None]
         real = support_mask if support_mask is not None else torch.ones(support_y.shape[:2], dtype=torch.bool,
                                                                          device=support_y.device)
-        if bool((real.sum(dim=1) == 0).any()):
-            task = int((real.sum(dim=1) == 0).nonzero()[0])
-            raise ValueError(f"task {task} has no support examples (all positions padded); every task needs at least one")
         ways = self._check_ways(n_way, t, support_y, real)
         if support_mask is not None and bool(support_mask.all()):
             support_mask = None
@@ -199,37 +196,44 @@ class FewShotHead(nn.Module, ABC):
 
     def _check_ways(self, n_way: Optional[Union[int, Tensor]], t: int, support_y: Tensor, real: Tensor) -> Optional[Tensor]:
         """n_way as a [T] int64 tensor on the labels' device (None for regression or when all tasks use n_out);
-        every real support label must be one of its task's classes."""
+        every task needs a real support example, and every real support label must be one of its task's classes."""
+        empty = real.sum(dim=1) == 0
         if self.kind == "regression":
+            if bool(empty.any()):
+                raise _no_support_examples(empty)
             return None
+        lo = hi = self.n_out
         if n_way is None:
             limit = torch.full((t,), self.n_out, dtype=torch.int64, device=support_y.device)
-            ways = None
         else:
             ways = torch.full((t,), int(n_way), dtype=torch.int64) if isinstance(n_way, int) else n_way
             if not isinstance(ways, Tensor) or ways.shape != (t,):
                 raise ValueError(f"n_way must be an int or an int64 tensor [T={t}], got {n_way!r}")
-            hi = int(ways.max())
-            if int(ways.min()) < 1:
-                raise ValueError(f"every task needs n_way >= 1, got {int(ways.min())}; an Episode built without "
-                                 "class_names has n_way 0: pass class_names (one name per class)")
+            lo, hi = (int(v) for v in torch.stack([ways.min(), ways.max()]).tolist())
+            if lo < 1:
+                raise ValueError(f"every task needs n_way >= 1, got {lo}; an Episode built without class_names has "
+                                 "n_way 0: pass class_names (one name per class)")
             if hi > self.n_out:
-                raise ValueError(
-                    f"n_way ranges over {int(ways.min())}..{hi} but the head has {self.n_out} outputs; "
-                    f"build the head with n_way >= {hi}"
-                )
-            ways = ways.to(support_y.device)
-            limit = ways
+                raise ValueError(f"n_way ranges over {lo}..{hi} but the head has {self.n_out} outputs; "
+                                 f"build the head with n_way >= {hi}")
+            limit = ways.to(support_y.device)
         bad = real & ((support_y < 0) | (support_y >= limit[:, None]))
-        if bool(bad.any()):
+        no_examples, bad_label = torch.stack([empty.any(), bad.any()]).tolist()  # one host sync for both checks
+        if no_examples:
+            raise _no_support_examples(empty)
+        if bad_label:
             task, pos = (int(v) for v in bad.nonzero()[0])
             label, top = int(support_y[task, pos]), int(limit[task])
             fix = (f"build the head with n_way >= {label + 1} or pass n_way" if n_way is None and label >= self.n_out
                    else f"labels of a task must be 0..n_way-1 (here n_way={top}); mark padding with support_mask False")
             raise ValueError(f"support label {label} of task {task} (position {pos}) is out of range: {fix}")
-        if ways is None or (int(ways.min()) == self.n_out):
-            return None
-        return ways
+        return None if lo == self.n_out else limit
+
+
+def _no_support_examples(empty: Tensor) -> ValueError:
+    """The error for a task whose support positions are all padding (``empty`` [T] bool)."""
+    return ValueError(f"task {int(empty.nonzero()[0])} has no support examples (all positions padded); every task "
+                      "needs at least one")
 
 
 def slice_batch(batch: Any, start: int, stop: int) -> Any:

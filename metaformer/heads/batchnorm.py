@@ -84,6 +84,19 @@ def task_batch_norm(
     return y.reshape(x.shape), mean, var
 
 
+def trim_per_step_tables(state: dict[str, Tensor], expected: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``state`` with per-step BatchNorm tables cut to the rows ``expected`` has: earlier versions sized a table
+    ``max(inner_steps, eval_inner_steps) + 1`` rows, but only rows ``0..inner_steps`` were ever trained."""
+    out = dict(state)
+    for key, want in expected.items():
+        have = out.get(key)
+        table = "per_step_bn." in key or key.startswith(("weight.", "bias.", "running_mean_", "running_var_"))
+        if (table and isinstance(have, Tensor) and have.dim() == 2 and want.dim() == 2
+                and have.shape[1] == want.shape[1] and have.shape[0] > want.shape[0]):
+            out[key] = have[: want.shape[0]]
+    return out
+
+
 class PerStepBatchNorm(nn.Module):
     """MAML++ per-step BatchNorm tables: running statistics, weight and bias for every BN layer and inner step."""
 
@@ -111,13 +124,9 @@ class PerStepBatchNorm(nn.Module):
             self.register_buffer(f"running_var_{i}", torch.ones(self.rows, c, dtype=w.dtype, device=w.device))
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
-        """Accept tables saved with extra rows (earlier versions sized the table ``max(inner_steps, eval_inner_steps)
-        + 1``, but only rows ``0..inner_steps`` were ever trained): keep those."""
-        for i in range(len(self.channels)):
-            for key in (f"{prefix}weight.{i}", f"{prefix}bias.{i}", f"{prefix}running_mean_{i}", f"{prefix}running_var_{i}"):
-                t = state_dict.get(key)
-                if isinstance(t, Tensor) and t.dim() == 2 and t.shape[0] > self.rows:
-                    state_dict[key] = t[: self.rows]
+        """Accept tables saved with extra rows (see trim_per_step_tables)."""
+        own = self.state_dict(prefix=prefix)
+        state_dict.update(trim_per_step_tables({k: state_dict[k] for k in own if k in state_dict}, own))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def row(self, step: int, query: bool) -> int:
@@ -204,9 +213,8 @@ class PerStepBatchNorm(nn.Module):
                 return F.batch_norm(x, rm, rv, w, b, False, 0.0, eps)
             y = F.batch_norm(x, None, None, w, b, True, 0.0, eps)
             with torch.no_grad():
-                dims = [0] + list(range(2, x.dim()))
-                mean = x.mean(dim=dims).unsqueeze(0)
-                var = x.var(dim=dims, unbiased=False).unsqueeze(0)
+                var, mean = torch.var_mean(x, dim=[0] + list(range(2, x.dim())), correction=0)  # one pass
+                var, mean = var.unsqueeze(0), mean.unsqueeze(0)
             self._record(layer, row, mean, var, x.numel() // x.shape[1])
             return y
         if not training:

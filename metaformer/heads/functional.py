@@ -311,7 +311,7 @@ def _functional_forward(module: nn.Module, names: Sequence[str], fast: Sequence[
         if sample_mask is not None:
             # padded items run through the network with the real ones: zero them, so that whatever a hand-built
             # batch holds there (NaN, say) cannot reach the weight gradients through 0 * NaN
-            x = torch.where(sample_mask.view(*sample_mask.shape, *([1] * (x.dim() - 2))), x, 0.0)
+            x = x.masked_fill(~sample_mask.view(*sample_mask.shape, *([1] * (x.dim() - 2))), 0)  # keeps int inputs
         xf = _flatten_tasks(x)
         if memory_format is not None and xf.dim() == 4:
             xf = xf.contiguous(memory_format=memory_format)

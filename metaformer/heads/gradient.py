@@ -22,8 +22,9 @@ or "per_step" (MAML++: per-step running statistics and per-step BN weight/bias, 
 Memory (``first_order=True``: no second-order graph; ``checkpoint=True``: each inner step is
 recomputed during the backward instead of keeping its activations, so peak memory holds one inner step's
 graph instead of all of them; it needs ``loss.backward()`` / ``meta_backward`` (the reentrant checkpoint
-does not support ``torch.autograd.grad`` on the meta-loss), costs one more forward+backward of every step,
-and with ``batch_norm="per_step"`` updates the running statistics twice per step).
+does not support ``torch.autograd.grad`` on the meta-loss), and costs one more forward+backward of every step;
+with ``batch_norm="per_step"`` the recomputation's statistics join the step's one update inside ``meta_backward``,
+while after a plain ``loss.backward()`` they count as a second update).
 """
 
 from __future__ import annotations
@@ -192,7 +193,8 @@ class GradientHead(FewShotHead):
         # 2908 MiB and took 1.12 s per step with the allocator tuned (2.56 s with glibc's default); one task per
         # backward: 640 MiB, 1.10 s (1.56 s). Same meta-gradient (per-task losses, per-task BatchNorm).
         device = next(self.net.parameters()).device
-        # per-step running statistics (MAML++) move with every forward: per-task chunks would move them per task
+        # per-step BatchNorm (MAML++) keeps the whole batch, as before its statistics were deferred to one update per
+        # meta-batch (PerStepBatchNorm.deferred_updates); per-task chunks would now be safe, but were never measured
         if self.path == "auto" and self.per_step_bn is None and device.type == "cpu" and has_convolutions(self.net):
             return 1
         return None

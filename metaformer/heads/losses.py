@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -34,11 +34,11 @@ def check_has_examples(mask: Optional[Tensor], what: str) -> None:
         raise ValueError(f"task {task} has no real {what} examples (all positions padded); every task needs at least one")
 
 
-def check_targets(out: Tensor, y: Tensor, mask: Optional[Tensor], kind: str, what: str = "query") -> None:
-    """Raise a ValueError naming the problem when targets do not fit the predictions ``out`` [T, B, N or D]:
-    a regression target of another shape (it would broadcast), a real label outside its task's classes, or a task
-    without any real example (its loss would count as 0 in the mean over tasks)."""
-    check_has_examples(mask, what)
+def check_targets(out: Tensor, y: Tensor, mask: Optional[Tensor], kind: str, n_way: Optional[Union[int, Tensor]] = None,
+                  what: str = "query") -> None:
+    """Raise a ValueError naming the problem when targets do not fit the predictions ``out`` [T, B, N or D]: a
+    regression target of another shape (it would broadcast), or a real label outside its task's ``n_way`` classes
+    (all N when ``n_way`` is None). Labels are checked, not logits: an overflowing logit is the trainer's to skip."""
     if kind == "regression":
         if tuple(y.shape) != tuple(out.shape):
             raise ValueError(f"{what}_y has shape {tuple(y.shape)} but the predictions are {tuple(out.shape)} [T, B, d_out]; "
@@ -46,13 +46,11 @@ def check_targets(out: Tensor, y: Tensor, mask: Optional[Tensor], kind: str, wha
         return
     if tuple(y.shape) != tuple(out.shape[:2]) or y.dtype != torch.int64:
         raise ValueError(f"{what}_y must be int64 labels [T, B] = {tuple(out.shape[:2])}, got {y.dtype} {tuple(y.shape)}")
-    real = mask if mask is not None else torch.ones(y.shape, dtype=torch.bool, device=y.device)
-    n = out.shape[-1]
-    with torch.no_grad():
-        # a label at or beyond its task's n_way points at a logit that mask_unused_classes set to -inf
-        y = y.to(out.device)
-        target_logit = out.gather(-1, y.clamp(0, n - 1).unsqueeze(-1)).squeeze(-1)
-        bad = real.to(out.device) & ((y < 0) | (y >= n) | torch.isneginf(target_logit))
+    limit = out.shape[-1] if n_way is None else n_way
+    limit = torch.as_tensor(limit, device=y.device).reshape(-1, 1)
+    bad = (y < 0) | (y >= limit)
+    if mask is not None:
+        bad &= mask.to(y.device)
     if bool(bad.any()):
         task, pos = (int(v) for v in bad.nonzero()[0])
         raise ValueError(f"{what} label {int(y[task, pos])} of task {task} (position {pos}) is not one of the task's "
@@ -76,7 +74,7 @@ def task_losses(out: Tensor, y: Tensor, mask: Optional[Tensor], kind: str) -> Te
 
 def task_accuracy(logits: Tensor, y: Tensor, mask: Optional[Tensor]) -> Tensor:
     """Accuracy of every task over its real queries -> [T]."""
-    m = _real(mask, logits.float())  # float32 counts: in bfloat16, 599 hits of 600 would round to 1.0
+    m = _real(mask, logits).float()  # float32 counts: in bfloat16, 599 hits of 600 would round to 1.0
     hit = (logits.argmax(dim=-1) == y).to(m.dtype) * m
     return hit.sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
 

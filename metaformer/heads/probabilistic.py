@@ -49,7 +49,7 @@ from torch import Tensor, nn
 
 from .base import BatchPredictor, Inputs
 from .gradient import FastWeights, GradientHead
-from .losses import batch_metrics, check_targets, mask_unused_classes, task_losses
+from .losses import batch_metrics, check_has_examples, check_targets, mask_unused_classes, task_losses
 
 
 class ProbabilisticPredictor(BatchPredictor):
@@ -246,10 +246,11 @@ class ProbabilisticMAML(GradientHead):
     # ------------------------------------------------------------------ meta-training loss
     def loss(self, batch: Any) -> tuple[Tensor, dict[str, float]]:
         """Negative ELBO: mean over samples and tasks of the query loss + kl_weight * KL; metrics include nll and kl."""
+        check_has_examples(batch.query_mask, "query")
         with self.statistics_scope():
             predictor = self.adapt_batch(batch.support_x, batch.support_y, batch.support_mask, batch.n_way)
             outs = predictor.sample_outputs(batch.query_x, batch.query_mask)
-        check_targets(outs[0], batch.query_y, batch.query_mask, self.kind)
+        check_targets(outs[0], batch.query_y, batch.query_mask, self.kind, batch.n_way)
         per_task = torch.stack([task_losses(o, batch.query_y, batch.query_mask, self.kind) for o in outs]).mean(0)
         nll = per_task.mean()
         kl = self.kl_divergence()

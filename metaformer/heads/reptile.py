@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from .base import num_tasks_of
 from .gradient import GradientHead
-from .losses import batch_metrics, check_targets, task_losses
+from .losses import batch_metrics, check_has_examples, check_targets, task_losses
 
 
 class Reptile(GradientHead):
@@ -42,6 +42,7 @@ class Reptile(GradientHead):
 
     def adapted_weights(self, batch: Any) -> tuple[list[Tensor], dict[str, float], Tensor]:
         """Adapt every task on its support set -> (mean over tasks of adapted weights, query metrics, loss)."""
+        check_has_examples(batch.query_mask, "query")
         _, mask, ways = self.check_support(batch.support_x, batch.support_y, batch.support_mask, batch.n_way)
         path = self.resolve_path(batch.support_x)
         fast = self.adapt_fast(batch.support_x, batch.support_y, mask, ways, self.inner_steps, path, track_meta=False)
@@ -49,7 +50,7 @@ class Reptile(GradientHead):
             from .gradient import GradientPredictor
 
             out = GradientPredictor(self, fast, ways, path)(batch.query_x, batch.query_mask)
-            check_targets(out, batch.query_y, batch.query_mask, self.kind)
+            check_targets(out, batch.query_y, batch.query_mask, self.kind, ways)
             per_task = task_losses(out, batch.query_y, batch.query_mask, self.kind)
             metrics = batch_metrics(out, batch.query_y, batch.query_mask, self.kind, per_task)
         return [f.mean(dim=0) for f in fast.tensors], metrics, per_task.mean()

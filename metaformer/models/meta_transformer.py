@@ -431,7 +431,7 @@ class MetaTransformer(nn.Module):
         counts = q_mask.sum(dim=1)
         if bool((counts == 0).any()):
             raise ValueError("every task needs at least one query to compute a loss; found a task without queries")
-        check_targets(out, batch.query_y, q_mask, self.config.task)
+        check_targets(out, batch.query_y, q_mask, self.config.task, batch.n_way)
         if self.config.task == "regression":
             per_item = ((out.float() - batch.query_y.float()) ** 2).mean(dim=-1)  # [T, Q]
             per_task = (per_item * q_mask).sum(dim=1) / counts
@@ -475,7 +475,6 @@ class MetaTransformer(nn.Module):
                 sums[k] = sums.get(k, 0.0) + v * len(idx)
         return loss_sum / total, {k: v / total for k, v in sums.items()}
 
-    @torch.no_grad()
     @torch.no_grad()
     def predict(self, batch: EpisodeBatch) -> Tensor:
         """Predicted labels [T, Q] (classification; -1 at padded queries) or values [T, Q, d_out], in eval mode."""
