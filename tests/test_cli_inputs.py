@@ -346,3 +346,31 @@ def test_default_eval_folders_never_replace_an_earlier_report(runs: dict[str, Pa
     assert capsys.readouterr().out.count("(replacing the earlier report there)") == 1
     for name in ("eval", "eval-2"):  # leave the shared run folder as the other tests found it
         shutil.rmtree(runs["b3"] / name)
+
+
+def test_several_checkpoints_are_evaluated_with_one_model_in_memory_at_a_time(runs: dict[str, Path], tmp_path: Path,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import gc
+    import weakref
+
+    built: list = []
+    real_build, real_evaluate = eval_cli._build, eval_cli.evaluate
+
+    def tracked_build(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        model = real_build(*args, **kwargs)
+        built.append(weakref.ref(model))
+        return model
+
+    alive_during_evaluation = []
+
+    def counting_evaluate(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        gc.collect()
+        alive_during_evaluation.append(sum(ref() is not None for ref in built))
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(eval_cli, "_build", tracked_build)
+    monkeypatch.setattr(eval_cli, "evaluate", counting_evaluate)
+    paths = [runs["b3"], runs["v3"], runs["b3"]]
+    results = eval_cli.evaluate_checkpoints(paths, None, out_dir=tmp_path / "out", progress=False)
+    assert len(results) == 3 and alive_during_evaluation == [1, 1, 1]
+    assert len(built) == 6  # each built once to check it before any evaluation, once to evaluate it

@@ -111,24 +111,27 @@ def evaluate_checkpoints(
 
     With a single checkpoint and a config, the model is built from the config, so a checkpoint of another
     model or architecture fails with a clear error; with several, each model comes from its own checkpoint.
-    Every checkpoint is read, checked against the episodes and built before the first one is evaluated;
-    `episodes_from` says where `cfg` came from, for those errors.
+    Every checkpoint is read, checked against the episodes and built before the first one is evaluated (then
+    read again for its evaluation, so one model is in memory at a time); `episodes_from` says where `cfg` came from,
+    for those errors.
     """
     if not paths:
         raise ValueError("pass at least one checkpoint folder to --checkpoint")
     dev = check_device(device)
     if out_dir is not None:
         _prepare_out_dir(Path(out_dir))
-    ckpts = [ckpt_io.read_checkpoint(p, with_trainer_state=False, which=which) for p in paths]
-    episodes_cfg = cfg if cfg is not None else ckpts[0].config
-    if cfg is None:
-        episodes_from = f"the config of the first checkpoint, {ckpts[0].path}"
-    for ckpt in ckpts:
+    build_from = cfg if (cfg is not None and len(paths) == 1) else None
+    # First every checkpoint is read, checked against the episodes and built (one at a time, then dropped): a
+    # mistake in the last one must not surface after the first ones' evaluations, nor N models sit in memory.
+    ckpts, episodes_cfg = [], cfg
+    for p in paths:
+        ckpt = ckpt_io.read_checkpoint(p, with_trainer_state=False, which=which)
+        if episodes_cfg is None:
+            episodes_cfg, episodes_from = ckpt.config, f"the config of the first checkpoint, {ckpt.path}"
         check_fits(ckpt, episodes_cfg, episodes_from)
-    models = []
-    for ckpt in ckpts:
-        models.append(_build(ckpt, cfg if (cfg is not None and len(paths) == 1) else None))
-        ckpt.model_state = {}  # the model holds the weights now
+        _build(ckpt, build_from)
+        ckpt.model_state = {}
+        ckpts.append(ckpt)
     episodes = build_episodes(episodes_cfg, episodes_cfg.eval.split, data_root)
     if out_dir is not None:
         try:
@@ -137,8 +140,9 @@ def evaluate_checkpoints(
             raise ConfigError(f"cannot create the report folder {out_dir}: {exc.strerror or exc}; pass --out a folder "
                               "in a writable place") from None
     results: list[EvalResult] = []
-    for i, ckpt in enumerate(ckpts):
-        model, models[i] = models[i].to(dev), None  # one model on the device at a time
+    for ckpt in ckpts:
+        # read again (the weights were dropped above): one model in memory at a time
+        model = _build(ckpt_io.read_checkpoint(ckpt.path, with_trainer_state=False), build_from).to(dev)
         name = ckpt.config.name
         if name in [r.name for r in results]:
             name = f"{name} ({ckpt.path.parent.name})"  # same config name: tell the runs apart by folder
