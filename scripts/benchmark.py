@@ -75,7 +75,8 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from training.config import Config, config_from_dict, load_config, resolve_data_root  # noqa: E402
+from training.config import Config, ConfigError, config_from_dict, load_config, resolve_data_root  # noqa: E402
+from training.eval_cli import check_device  # noqa: E402
 from training.evaluation import EvalResult, evaluate, paired_difference, same_episodes  # noqa: E402
 
 CONFIG_DIR = ROOT / "training" / "configs"
@@ -1439,12 +1440,10 @@ def device_problem(device: str) -> Optional[str]:
         return f"--device {device}: not a device; use cpu, cuda or cuda:N"
     if dev.type != "cuda":
         return f"--device {device}: the suite runs on cpu, cuda or cuda:N only"
-    if not torch.cuda.is_available():
-        return (f"--device {device}: torch {torch.__version__} sees no CUDA device on this machine; run on a GPU "
-                "machine with a CUDA build of torch, or use --device cpu")
-    if dev.index is not None and dev.index >= torch.cuda.device_count():
-        return (f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 to "
-                f"cuda:{torch.cuda.device_count() - 1}")
+    try:
+        check_device(device)  # CUDA present, and the GPU number one of this machine's
+    except ConfigError as exc:
+        return str(exc)
     return None
 
 

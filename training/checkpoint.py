@@ -55,7 +55,8 @@ def step_dir_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file (the digest meta.json records for each checkpoint file)."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -114,7 +115,7 @@ def save_checkpoint(
         torch.save(trainer_state, buf)
         (tmp / STATE_FILE).write_bytes(buf.getvalue())
         (tmp / CONFIG_FILE).write_text(dump_config(config))
-        files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
+        files = {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in sorted(tmp.iterdir())}
         meta = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -148,7 +149,7 @@ def export_checkpoint(src: Union[str, Path], dest: Union[str, Path], *, which: s
         """Copy the verified weights and config, then write the manifest without the trainer state."""
         for name in (WEIGHTS_FILE, CONFIG_FILE):
             (tmp / name).write_bytes((ckpt.path / name).read_bytes())
-        files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
+        files = {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in sorted(tmp.iterdir())}
         if files[WEIGHTS_FILE] != meta["files"][WEIGHTS_FILE]:  # the bytes changed between verification and copy
             raise CheckpointError(f"{ckpt.path / WEIGHTS_FILE} changed while it was exported; export it again")
         out = {**meta, "files": files, "weights_only": True, "exported_from": str(ckpt.path.resolve()),
@@ -357,7 +358,7 @@ def _verify_files(path: Path, meta: dict) -> None:
                 f"checkpoint file {fpath} is truncated or altered: {size} bytes, the manifest says {info['bytes']}; "
                 "use an earlier checkpoint of the run"
             )
-        if _sha256(fpath) != info["sha256"]:
+        if file_sha256(fpath) != info["sha256"]:
             raise CheckpointError(f"checkpoint file {fpath} is corrupted (sha256 differs from {META_FILE}); use an earlier checkpoint")
 
 

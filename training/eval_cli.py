@@ -31,7 +31,8 @@ def check_device(name: str | torch.device, option: str = "--device") -> torch.de
         raise ConfigError(f"{option} must be auto, cpu, cuda or cuda:N, got {name!r}")
     if not torch.cuda.is_available():
         why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
-        raise ConfigError(f"{option} {name}: CUDA is not available ({why}); use {option} cpu")
+        raise ConfigError(f"{option} {name}: CUDA is not available (torch {torch.__version__} sees no CUDA device on "
+                          f"this machine: {why}); use {option} cpu")
     if m.group(1) is not None and int(m.group(1)) >= torch.cuda.device_count():
         raise ConfigError(f"{option} {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
                           f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")

@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import csv
 import ctypes
-import hashlib
 import json
 import os
 import re
@@ -319,12 +318,7 @@ def checkpoint_identity(folder: Path) -> Optional[dict]:
         raise ckpt_io.CheckpointError(f"{meta_path} is unreadable or damaged ({exc}); move {path} out of its run "
                                       "folder (the run then continues from its previous checkpoint)") from None
     if not digest:
-        # a manifest without file hashes (an early format): hash the weights the way checkpoint.py does
-        h = hashlib.sha256()
-        with open(path / ckpt_io.WEIGHTS_FILE, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-        digest = h.hexdigest()
+        digest = ckpt_io.file_sha256(path / ckpt_io.WEIGHTS_FILE)  # a manifest without file hashes (an early format)
     return {"step": step, "weights_sha256": digest}
 
 

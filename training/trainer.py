@@ -448,15 +448,20 @@ class Trainer:
             rank=self.info.rank, interrupted=interrupted,
         )
         if main:
-            summary = {
-                "step": result.step, "seconds": seconds, "episodes_per_s": result.episodes_per_s,
-                "world_size": self.info.world_size, "ddp_max_param_divergence": result.ddp_max_param_divergence,
-                "skipped_steps": self.skipped, "checkpoint": str(last_ckpt) if last_ckpt else None,
-                "interrupted": interrupted,
-                "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)},
-            }
-            atomic_write_text(self.run_dir / SUMMARY_FILE, json.dumps(summary, indent=2))
+            self._write_summary(result)
         return result
+
+    def _write_summary(self, result: TrainResult, timed: bool = True) -> None:
+        """summary.json from a run's result; ``timed`` False (nothing trained in this process): timings null."""
+        summary = {
+            "step": result.step, "seconds": result.seconds if timed else None,
+            "episodes_per_s": result.episodes_per_s if timed else None, "world_size": self.info.world_size,
+            "ddp_max_param_divergence": result.ddp_max_param_divergence if timed else None,
+            "skipped_steps": self.skipped, "checkpoint": str(result.checkpoint) if result.checkpoint else None,
+            "interrupted": result.interrupted,
+            "metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)},
+        }
+        atomic_write_text(self.run_dir / SUMMARY_FILE, json.dumps(summary, indent=2))
 
     def _already_done(self) -> TrainResult:
         """A resumed run already at (or past) train.steps: say so and leave its files (summary included) alone."""
@@ -478,11 +483,7 @@ class Trainer:
             # killed after its last checkpoint, before the summary: write it now from that checkpoint's metrics
             meta = json.loads((ckpts[-1] / ckpt_io.META_FILE).read_text()) if ckpts else {}
             result.metrics = dict(meta.get("metrics") or {})
-            atomic_write_text(summary, json.dumps({
-                "step": self.step, "seconds": None, "episodes_per_s": None, "world_size": self.info.world_size,
-                "ddp_max_param_divergence": None, "skipped_steps": self.skipped,
-                "checkpoint": str(result.checkpoint) if result.checkpoint else None, "interrupted": None,
-                "metrics": result.metrics}, indent=2))
+            self._write_summary(result, timed=False)
         return result
 
     def _uses_pseudo_gradient(self) -> bool:

@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from .losses import TASK_KINDS, batch_metrics, check_has_examples, check_targets, task_losses
+from .losses import TASK_KINDS, batch_metrics, check_has_examples, check_targets, no_examples_error, task_losses
 
 Inputs = Union[Tensor, list]
 
@@ -200,7 +200,7 @@ class FewShotHead(nn.Module, ABC):
         empty = real.sum(dim=1) == 0
         if self.kind == "regression":
             if bool(empty.any()):
-                raise _no_support_examples(empty)
+                raise no_examples_error(empty, "support")
             return None
         lo = hi = self.n_out
         if n_way is None:
@@ -220,7 +220,7 @@ class FewShotHead(nn.Module, ABC):
         bad = real & ((support_y < 0) | (support_y >= limit[:, None]))
         no_examples, bad_label = torch.stack([empty.any(), bad.any()]).tolist()  # one host sync for both checks
         if no_examples:
-            raise _no_support_examples(empty)
+            raise no_examples_error(empty, "support")
         if bad_label:
             task, pos = (int(v) for v in bad.nonzero()[0])
             label, top = int(support_y[task, pos]), int(limit[task])
@@ -228,12 +228,6 @@ class FewShotHead(nn.Module, ABC):
                    else f"labels of a task must be 0..n_way-1 (here n_way={top}); mark padding with support_mask False")
             raise ValueError(f"support label {label} of task {task} (position {pos}) is out of range: {fix}")
         return None if lo == self.n_out else limit
-
-
-def _no_support_examples(empty: Tensor) -> ValueError:
-    """The error for a task whose support positions are all padding (``empty`` [T] bool)."""
-    return ValueError(f"task {int(empty.nonzero()[0])} has no support examples (all positions padded); every task "
-                      "needs at least one")
 
 
 def slice_batch(batch: Any, start: int, stop: int) -> Any:

@@ -27,11 +27,18 @@ def _real(mask: Optional[Tensor], like: Tensor) -> Tensor:
     return mask.to(like.dtype)
 
 
+def no_examples_error(empty: Tensor, what: str) -> ValueError:
+    """The error for the first task of ``empty`` [T] bool whose ``what`` positions are all padding."""
+    return ValueError(f"task {int(empty.nonzero()[0])} has no {what} examples (all positions padded); every task "
+                      "needs at least one")
+
+
 def check_has_examples(mask: Optional[Tensor], what: str) -> None:
     """Raise a ValueError when a task of the padding mask [T, B] has no real example."""
-    if mask is not None and mask.shape[0] > 0 and bool((mask.sum(dim=1) == 0).any()):
-        task = int((mask.sum(dim=1) == 0).nonzero()[0])
-        raise ValueError(f"task {task} has no real {what} examples (all positions padded); every task needs at least one")
+    if mask is not None and mask.shape[0] > 0:
+        empty = mask.sum(dim=1) == 0
+        if bool(empty.any()):
+            raise no_examples_error(empty, f"real {what}")
 
 
 def check_targets(out: Tensor, y: Tensor, mask: Optional[Tensor], kind: str, n_way: Optional[Union[int, Tensor]] = None,

@@ -423,10 +423,7 @@ class TransferBaseline(FewShotHead):
                     n_way: Optional[Union[int, Tensor]] = None) -> BatchPredictor:
         """Embed the support sets with the frozen backbone and fit a new per-task classifier (or output layer)."""
         self.check_gradients_allowed()
-        _, mask, ways = self.check_support(support_x, support_y, support_mask, n_way)
-        if mask is not None and not bool(mask.any(dim=1).all()):
-            raise ValueError("a task has no real support example (support_mask is all False); nothing to fit its "
-                             "classifier on")
+        _, mask, ways = self.check_support(support_x, support_y, support_mask, n_way)  # refuses empty tasks too
         emb = self.frozen_embed(support_x, mask)
         y = support_y.to(emb.device)
         unused = None
