@@ -23,6 +23,7 @@ from metaformer.data import (
     split_by_class,
     split_by_group,
 )
+from metaformer.data.source import TensorClassSource, TextClassSource
 
 COLORS = {"ant": (250, 0, 0), "bee": (0, 200, 0), "cow": (0, 0, 150)}
 
@@ -212,3 +213,28 @@ def test_importing_the_library_does_not_load_pil() -> None:
     code = ("import sys, metaformer, metaformer.data, metaformer.heads, metaformer.models, metaformer.ops; "
             "assert 'PIL' not in sys.modules, sorted(m for m in sys.modules if m.startswith('PIL'))")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("make", ["tensor", "text"])
+def test_class_sources_name_bad_labels(make: str) -> None:
+    """Negative, 2-D or miscounted labels and a wrong number of groups get an error naming the problem (both sources)."""
+
+    def build(labels, groups=None):
+        if make == "tensor":
+            return TensorClassSource(torch.zeros(len(labels), 1, 2, 2), torch.as_tensor(labels), groups=groups)
+        return TextClassSource([f"t{i}" for i in range(len(labels))], torch.as_tensor(labels), groups=groups)
+
+    with pytest.raises(ValueError, match="labels must be >= 0, got -1"):
+        build([0, -1])
+    with pytest.raises(ValueError, match=r"labels must be 1-D .*shape \(2, 1\)"):
+        build([[0], [1]])
+    with pytest.raises(ValueError, match="3 group names for 2 classes"):
+        build([0, 1], groups=["a", "b", "c"])
+    src = build([1, 0, 1], groups=["a", "b"])
+    assert src.sizes.tolist() == [1, 2] and src.num_classes == 2
+    item_word = "item" if make == "tensor" else "text"
+    with pytest.raises(ValueError, match=f"2 {item_word}s but 3 labels"):
+        if make == "tensor":
+            TensorClassSource(torch.zeros(2, 1, 2, 2), torch.tensor([0, 1, 1]))
+        else:
+            TextClassSource(["a", "b"], [0, 1, 1])

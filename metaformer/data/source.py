@@ -94,6 +94,33 @@ def _group_by_label(labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return order, offsets, sizes
 
 
+def _class_layout(
+    labels: Tensor, n_items: int, class_names: Sequence[str] | None, groups: Sequence[str] | None, what: str, name: str
+) -> tuple[Tensor, Tensor, Tensor, list[str]]:
+    """Check one label per item (1-D, >= 0) and the names / groups per class; (order, offsets, sizes, names)."""
+    _check_nonempty(n_items, name)
+    if labels.dim() != 1:
+        raise ValueError(f"{name}: labels must be 1-D (one class index per {what}), got shape {tuple(labels.shape)}")
+    if n_items != labels.numel():
+        raise ValueError(f"{name}: {n_items} {what}s but {labels.numel()} labels; pass one label per {what}")
+    if int(labels.min()) < 0:
+        raise ValueError(f"{name}: labels must be >= 0, got {int(labels.min())}")
+    order, offsets, sizes = _group_by_label(labels)
+    n = sizes.numel()
+    if class_names is None:
+        class_names = [str(c) for c in range(n)]
+    if len(class_names) < n:
+        raise ValueError(f"{name}: {len(class_names)} class names for {n} classes; pass one name per class")
+    n = len(class_names)
+    # named classes without items get empty slots, so a class index always means its name
+    if sizes.numel() < n:
+        sizes = torch.cat([sizes, sizes.new_zeros(n - sizes.numel())])
+        offsets = torch.cat([offsets, offsets.new_full((n - offsets.numel(),), n_items)])
+    if groups is not None and len(groups) != n:
+        raise ValueError(f"{name}: {len(groups)} group names for {n} classes; pass one group per class")
+    return order, offsets, sizes, list(class_names)
+
+
 class _NamedClasses(ClassSource):
     """A source whose class names and groups are stored lists (``_class_names``, ``_groups``)."""
 
@@ -138,25 +165,8 @@ class TensorClassSource(_NamedClasses):
         name: str = "tensor source",
     ) -> None:
         labels = torch.as_tensor(labels, dtype=torch.int64)
-        _check_nonempty(int(labels.numel()), name)
-        if items.shape[0] != labels.shape[0]:
-            raise ValueError(
-                f"{name}: {items.shape[0]} items but {labels.shape[0]} labels; pass one label per item"
-            )
-        if int(labels.min()) < 0:
-            raise ValueError(f"{name}: labels must be >= 0, got {int(labels.min())}")
-        order, offsets, sizes = _group_by_label(labels)
-        n = sizes.numel()
-        if class_names is None:
-            class_names = [str(c) for c in range(n)]
-        if len(class_names) < n:
-            raise ValueError(f"{name}: {len(class_names)} class names for {n} classes; pass one name per class")
-        n = len(class_names)
-        if sizes.numel() < n:
-            sizes = torch.cat([sizes, sizes.new_zeros(n - sizes.numel())])
-            offsets = torch.cat([offsets, offsets.new_full((n - offsets.numel(),), int(labels.numel()))])
-        if groups is not None and len(groups) != n:
-            raise ValueError(f"{name}: {len(groups)} group names for {n} classes; pass one group per class")
+        order, offsets, sizes, class_names = _class_layout(labels, int(items.shape[0]) if items.dim() else 0,
+                                                           class_names, groups, "item", name)
         self.items = items[order].contiguous() if not torch.equal(order, torch.arange(len(order))) else items
         self.offsets, self.sizes = offsets, sizes
         self._class_names = list(class_names)
@@ -196,19 +206,7 @@ class TextClassSource(_NamedClasses):
         name: str = "text source",
     ) -> None:
         labels = torch.as_tensor(list(labels) if not isinstance(labels, Tensor) else labels, dtype=torch.int64)
-        _check_nonempty(len(texts), name)
-        if len(texts) != labels.numel():
-            raise ValueError(f"{name}: {len(texts)} texts but {labels.numel()} labels; pass one label per text")
-        order, offsets, sizes = _group_by_label(labels)
-        n = sizes.numel()
-        if class_names is None:
-            class_names = [str(c) for c in range(n)]
-        if len(class_names) < n:
-            raise ValueError(f"{name}: {len(class_names)} class names for {n} classes; pass one name per class")
-        n = len(class_names)
-        if sizes.numel() < n:
-            sizes = torch.cat([sizes, sizes.new_zeros(n - sizes.numel())])
-            offsets = torch.cat([offsets, offsets.new_full((n - offsets.numel(),), len(texts))])
+        order, offsets, sizes, class_names = _class_layout(labels, len(texts), class_names, groups, "text", name)
         self.texts = [str(texts[i]) for i in order.tolist()]
         self.offsets, self.sizes = offsets, sizes
         self._class_names = list(class_names)
