@@ -116,47 +116,62 @@ METAFORMER_AVX2 inline double reduce_double(__m256 v) {
   return _mm_cvtsd_f64(_mm_add_sd(h, _mm_unpackhi_pd(h, h)));
 }
 
-// The 16 partial sums of the generic kernels from their two halves (lanes 0-7, 8-15).
-METAFORMER_AVX2 inline void spill_lanes(__m256 lo, __m256 hi, float out[kLanes]) {
-  _mm256_storeu_ps(out, lo);
-  _mm256_storeu_ps(out + 8, hi);
+// d[l] += lane l of the generic kernels' 16 partial sums widened, from their two halves lo (lanes 0-7) and hi
+// (8-15): the generic widen_lanes' adds, lane for lane.
+METAFORMER_AVX2 inline void widen_into(__m256 lo, __m256 hi, double* d) {
+  const __m256 half[2] = {lo, hi};
+  for (int j = 0; j < 2; ++j) {
+    const __m256d a = _mm256_cvtps_pd(_mm256_castps256_ps128(half[j]));
+    const __m256d b = _mm256_cvtps_pd(_mm256_extractf128_ps(half[j], 1));
+    _mm256_storeu_pd(d + 8 * j, _mm256_add_pd(_mm256_loadu_pd(d + 8 * j), a));
+    _mm256_storeu_pd(d + 8 * j + 4, _mm256_add_pd(_mm256_loadu_pd(d + 8 * j + 4), b));
+  }
 }
+
+// min(b + blk, end): where the block of blk elements of a reduction over [.., end) that starts at b ends.
+inline int64_t block_end(int64_t b, int64_t blk, int64_t end) { return end - b < blk ? end : b + blk; }
 
 }  // namespace
 
 METAFORMER_AVX2 void plane_moments_f32(const float* p, int64_t n, float shift, double& s1, double& s2) {
   const __m256 vshift = _mm256_set1_ps(shift);
-  __m256 a1l = _mm256_setzero_ps(), a1h = _mm256_setzero_ps(), a2l = _mm256_setzero_ps(), a2h = _mm256_setzero_ps();
-  int64_t k = 0;
-  for (; k + kLanes <= n; k += kLanes) {
-    const __m256 dl = _mm256_sub_ps(_mm256_loadu_ps(p + k), vshift);
-    const __m256 dh = _mm256_sub_ps(_mm256_loadu_ps(p + k + 8), vshift);
-    a1l = _mm256_add_ps(a1l, dl);
-    a1h = _mm256_add_ps(a1h, dh);
-    a2l = _mm256_add_ps(a2l, _mm256_mul_ps(dl, dl));
-    a2h = _mm256_add_ps(a2h, _mm256_mul_ps(dh, dh));
+  double d1[kLanes] = {}, d2[kLanes] = {};
+  const int64_t full = n / kLanes * kLanes;
+  for (int64_t b = 0; b < full; b += kBlock) {  // the generic kernel's blocks (see kLaneTerms)
+    const int64_t e = block_end(b, kBlock, full);
+    __m256 a1l = _mm256_setzero_ps(), a1h = _mm256_setzero_ps(), a2l = _mm256_setzero_ps(), a2h = _mm256_setzero_ps();
+    for (int64_t k = b; k < e; k += kLanes) {
+      const __m256 dl = _mm256_sub_ps(_mm256_loadu_ps(p + k), vshift);
+      const __m256 dh = _mm256_sub_ps(_mm256_loadu_ps(p + k + 8), vshift);
+      a1l = _mm256_add_ps(a1l, dl);
+      a1h = _mm256_add_ps(a1h, dh);
+      a2l = _mm256_add_ps(a2l, _mm256_mul_ps(dl, dl));
+      a2h = _mm256_add_ps(a2h, _mm256_mul_ps(dh, dh));
+    }
+    widen_into(a1l, a1h, d1);
+    widen_into(a2l, a2h, d2);
   }
-  float l1[kLanes], l2[kLanes];
-  spill_lanes(a1l, a1h, l1);
-  spill_lanes(a2l, a2h, l2);
-  finish_moments(l1, l2, p, k, n, shift, s1, s2);  // the generic kernel's reduction order
+  finish_moments(d1, d2, p, full, n, shift, s1, s2);  // the generic kernel's reduction order
 }
 
 METAFORMER_AVX2 void plane_dot_f32(const float* u, const float* p, int64_t n, float shift, double& s1, double& s2) {
   const __m256 vshift = _mm256_set1_ps(shift);
-  __m256 a1l = _mm256_setzero_ps(), a1h = _mm256_setzero_ps(), a2l = _mm256_setzero_ps(), a2h = _mm256_setzero_ps();
-  int64_t k = 0;
-  for (; k + kLanes <= n; k += kLanes) {
-    const __m256 ul = _mm256_loadu_ps(u + k), uh = _mm256_loadu_ps(u + k + 8);
-    a1l = _mm256_add_ps(a1l, ul);
-    a1h = _mm256_add_ps(a1h, uh);
-    a2l = _mm256_add_ps(a2l, _mm256_mul_ps(ul, _mm256_sub_ps(_mm256_loadu_ps(p + k), vshift)));
-    a2h = _mm256_add_ps(a2h, _mm256_mul_ps(uh, _mm256_sub_ps(_mm256_loadu_ps(p + k + 8), vshift)));
+  double d1[kLanes] = {}, d2[kLanes] = {};
+  const int64_t full = n / kLanes * kLanes;
+  for (int64_t b = 0; b < full; b += kBlock) {
+    const int64_t e = block_end(b, kBlock, full);
+    __m256 a1l = _mm256_setzero_ps(), a1h = _mm256_setzero_ps(), a2l = _mm256_setzero_ps(), a2h = _mm256_setzero_ps();
+    for (int64_t k = b; k < e; k += kLanes) {
+      const __m256 ul = _mm256_loadu_ps(u + k), uh = _mm256_loadu_ps(u + k + 8);
+      a1l = _mm256_add_ps(a1l, ul);
+      a1h = _mm256_add_ps(a1h, uh);
+      a2l = _mm256_add_ps(a2l, _mm256_mul_ps(ul, _mm256_sub_ps(_mm256_loadu_ps(p + k), vshift)));
+      a2h = _mm256_add_ps(a2h, _mm256_mul_ps(uh, _mm256_sub_ps(_mm256_loadu_ps(p + k + 8), vshift)));
+    }
+    widen_into(a1l, a1h, d1);
+    widen_into(a2l, a2h, d2);
   }
-  float l1[kLanes], l2[kLanes];
-  spill_lanes(a1l, a1h, l1);
-  spill_lanes(a2l, a2h, l2);
-  finish_dot(l1, l2, u, p, k, n, shift, s1, s2);  // the generic kernel's reduction order
+  finish_dot(d1, d2, u, p, full, n, shift, s1, s2);  // the generic kernel's reduction order
 }
 
 METAFORMER_AVX2 void pool_plane_f32(const float* plane, int64_t h, int64_t w, float scale, float offs, float* out,
@@ -318,26 +333,32 @@ METAFORMER_AVX2 inline void conv_block(const float* rows, const float* w, int64_
   }
 }
 
+// The stem's 8-lane dot products take blocks of this many positions: kLaneTerms terms a lane, as everywhere.
+constexpr int64_t kDotBlock = 8 * kLaneTerms;
+
 // One channel at a time: P accumulators and the rows leave no registers for a second channel's.
 template <int P>
 METAFORMER_AVX2 inline void dot_block(const float* u, const float* rows, int64_t hw, double* acc) {
-  __m256 a[P];
-  #pragma GCC unroll 16
-  for (int i = 0; i < P; ++i) a[i] = _mm256_setzero_ps();
-  int64_t k = 0;
-  for (; k + 8 <= hw; k += 8) {
-    const __m256 vu = _mm256_loadu_ps(u + k);
+  for (int64_t b = 0; b < hw; b += kDotBlock) {
+    const int64_t e = block_end(b, kDotBlock, hw);
+    __m256 a[P];
     #pragma GCC unroll 16
-    for (int i = 0; i < P; ++i) a[i] = _mm256_fmadd_ps(vu, _mm256_loadu_ps(rows + i * hw + k), a[i]);
-  }
-  if (k < hw) {
-    const __m256i m = first_lanes(hw - k);
-    const __m256 vu = _mm256_maskload_ps(u + k, m);
+    for (int i = 0; i < P; ++i) a[i] = _mm256_setzero_ps();
+    int64_t k = b;
+    for (; k + 8 <= e; k += 8) {
+      const __m256 vu = _mm256_loadu_ps(u + k);
+      #pragma GCC unroll 16
+      for (int i = 0; i < P; ++i) a[i] = _mm256_fmadd_ps(vu, _mm256_loadu_ps(rows + i * hw + k), a[i]);
+    }
+    if (k < e) {  // the plane's last, partial vector (blocks are whole vectors)
+      const __m256i m = first_lanes(e - k);
+      const __m256 vu = _mm256_maskload_ps(u + k, m);
+      #pragma GCC unroll 16
+      for (int i = 0; i < P; ++i) a[i] = _mm256_fmadd_ps(vu, _mm256_maskload_ps(rows + i * hw + k, m), a[i]);
+    }
     #pragma GCC unroll 16
-    for (int i = 0; i < P; ++i) a[i] = _mm256_fmadd_ps(vu, _mm256_maskload_ps(rows + i * hw + k, m), a[i]);
+    for (int i = 0; i < P; ++i) acc[i] += reduce_double(a[i]);
   }
-  #pragma GCC unroll 16
-  for (int i = 0; i < P; ++i) acc[i] += reduce_double(a[i]);
 }
 
 METAFORMER_AVX2 void conv_planes_f32(const float* rows, const float* w, int64_t p, int64_t hw, int64_t nc, float* t) {
@@ -367,12 +388,15 @@ METAFORMER_AVX2 void rows_dot_planes_f32(const float* u, const float* rows, int6
   }
   for (int64_t c = 0; c < nc; ++c) {
     for (int64_t i = 0; i < p; ++i) {
-      __m256 a = _mm256_setzero_ps();
-      for (int64_t k = 0; k < hw; k += 8) {
-        const __m256i m = first_lanes(hw - k);
-        a = _mm256_fmadd_ps(_mm256_maskload_ps(u + c * hw + k, m), _mm256_maskload_ps(rows + i * hw + k, m), a);
+      for (int64_t b = 0; b < hw; b += kDotBlock) {  // as dot_block
+        const int64_t e = block_end(b, kDotBlock, hw);
+        __m256 a = _mm256_setzero_ps();
+        for (int64_t k = b; k < e; k += 8) {
+          const __m256i m = first_lanes(e - k);
+          a = _mm256_fmadd_ps(_mm256_maskload_ps(u + c * hw + k, m), _mm256_maskload_ps(rows + i * hw + k, m), a);
+        }
+        acc[c * p + i] += reduce_double(a);
       }
-      acc[c * p + i] += reduce_double(a);
     }
   }
 }

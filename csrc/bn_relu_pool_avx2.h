@@ -2,8 +2,9 @@
 // bn_relu_pool_avx512.h for CPUs without AVX-512 (AMD Zen 1-3, most Intel client CPUs). 8 pooled cells =
 // 16 input columns per vector pair; no mask registers, so window choices are compare results (all-ones
 // lanes) used by blends, and row ends use maskload/maskstore. Bit-identical to the generic kernels: the
-// 16-lane partial sums (kLanes) are two 8-lane accumulators, lanes 0-7 and 8-15, reduced by the same
-// add_lanes code; pooled_grad_sums gathers into the same scratch rows and reduces them in the same order.
+// 16-lane partial sums (kLanes) are two 8-lane accumulators, lanes 0-7 and 8-15, widened into double per
+// block of kBlock and reduced by the same finish_moments / finish_dot code; pooled_grad_sums gathers into the
+// same scratch rows and reduces them in the same order.
 // Only the stem's conv_planes_f32 / rows_dot_planes_f32 use fused multiply-adds, as on AVX-512.
 #pragma once
 

@@ -94,36 +94,54 @@ METAFORMER_AVX512 inline double reduce_double(__m512 v) {
   return _mm512_reduce_add_pd(_mm512_add_pd(a, b));
 }
 
+// d[l] += lane l of v widened, l = 0 .. 15: the generic widen_lanes' adds, lane for lane. Through memory: it
+// runs once a block, and the accumulators stay free to take registers in the loops.
+METAFORMER_AVX512 inline void widen_into(__m512 v, double* d) {
+  const __m512d a = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
+  const __m512d b = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+  _mm512_storeu_pd(d, _mm512_add_pd(_mm512_loadu_pd(d), a));
+  _mm512_storeu_pd(d + 8, _mm512_add_pd(_mm512_loadu_pd(d + 8), b));
+}
+
+// min(b + kBlock, end): where the block of a reduction over [.., end) that starts at b ends.
+inline int64_t block_end(int64_t b, int64_t end) { return end - b < kBlock ? end : b + kBlock; }
+
 }  // namespace
 
 METAFORMER_AVX512 void plane_moments_f32(const float* p, int64_t n, float shift, double& s1, double& s2) {
   const __m512 vshift = _mm512_set1_ps(shift);
-  __m512 a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps();
-  int64_t k = 0;
-  for (; k + 16 <= n; k += 16) {
-    const __m512 d = _mm512_sub_ps(_mm512_loadu_ps(p + k), vshift);
-    a1 = _mm512_add_ps(a1, d);
-    a2 = _mm512_add_ps(a2, _mm512_mul_ps(d, d));
+  double d1[kLanes] = {}, d2[kLanes] = {};
+  const int64_t full = n / kLanes * kLanes;
+  for (int64_t b = 0; b < full; b += kBlock) {  // the generic kernel's blocks (see kLaneTerms)
+    const int64_t e = block_end(b, full);
+    __m512 a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps();
+    for (int64_t k = b; k < e; k += 16) {
+      const __m512 d = _mm512_sub_ps(_mm512_loadu_ps(p + k), vshift);
+      a1 = _mm512_add_ps(a1, d);
+      a2 = _mm512_add_ps(a2, _mm512_mul_ps(d, d));
+    }
+    widen_into(a1, d1);
+    widen_into(a2, d2);
   }
-  alignas(64) float l1[kLanes], l2[kLanes];
-  _mm512_store_ps(l1, a1);
-  _mm512_store_ps(l2, a2);
-  finish_moments(l1, l2, p, k, n, shift, s1, s2);  // the generic kernel's reduction order
+  finish_moments(d1, d2, p, full, n, shift, s1, s2);  // the generic kernel's reduction order
 }
 
 METAFORMER_AVX512 void plane_dot_f32(const float* u, const float* p, int64_t n, float shift, double& s1, double& s2) {
   const __m512 vshift = _mm512_set1_ps(shift);
-  __m512 a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps();
-  int64_t k = 0;
-  for (; k + 16 <= n; k += 16) {
-    const __m512 vu = _mm512_loadu_ps(u + k);
-    a1 = _mm512_add_ps(a1, vu);
-    a2 = _mm512_add_ps(a2, _mm512_mul_ps(vu, _mm512_sub_ps(_mm512_loadu_ps(p + k), vshift)));
+  double d1[kLanes] = {}, d2[kLanes] = {};
+  const int64_t full = n / kLanes * kLanes;
+  for (int64_t b = 0; b < full; b += kBlock) {
+    const int64_t e = block_end(b, full);
+    __m512 a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps();
+    for (int64_t k = b; k < e; k += 16) {
+      const __m512 vu = _mm512_loadu_ps(u + k);
+      a1 = _mm512_add_ps(a1, vu);
+      a2 = _mm512_add_ps(a2, _mm512_mul_ps(vu, _mm512_sub_ps(_mm512_loadu_ps(p + k), vshift)));
+    }
+    widen_into(a1, d1);
+    widen_into(a2, d2);
   }
-  alignas(64) float l1[kLanes], l2[kLanes];
-  _mm512_store_ps(l1, a1);
-  _mm512_store_ps(l2, a2);
-  finish_dot(l1, l2, u, p, k, n, shift, s1, s2);  // the generic kernel's reduction order
+  finish_dot(d1, d2, u, p, full, n, shift, s1, s2);  // the generic kernel's reduction order
 }
 
 METAFORMER_AVX512 void pool_plane_f32(const float* plane, int64_t h, int64_t w, float scale, float offs, float* out,
@@ -164,6 +182,8 @@ METAFORMER_AVX512 void pooled_grad_sums_f32(const float* grad_out, const int8_t*
   const int64_t ho = h / 2, wo = w / 2;
   const __m512 vshift = _mm512_set1_ps(shift);
   __m512 a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps();
+  alignas(64) double d1[kLanes] = {}, d2[kLanes] = {};
+  int64_t chunks = 0;  // row chunks in a1, a2: at most kLaneTerms terms a lane, as in plane_dot
   for (int64_t i = 0; i < ho; ++i) {
     for (int64_t j0 = 0; j0 < wo; j0 += 16) {
       const int64_t cnt = wo - j0 < 16 ? wo - j0 : 16;
@@ -180,10 +200,19 @@ METAFORMER_AVX512 void pooled_grad_sums_f32(const float* grad_out, const int8_t*
       v = _mm512_maskz_mov_ps(first_lanes(cnt), v);  // lanes past cnt hold the next row: make them add exact zeros
       a1 = _mm512_add_ps(a1, gz);
       a2 = _mm512_add_ps(a2, _mm512_mul_ps(gz, _mm512_sub_ps(v, vshift)));
+      if (++chunks == kLaneTerms) {
+        widen_into(a1, d1);
+        widen_into(a2, d2);
+        a1 = a2 = _mm512_setzero_ps();
+        chunks = 0;
+      }
     }
   }
-  s1 += reduce_double(a1);
-  s2 += reduce_double(a2);
+  widen_into(a1, d1);
+  widen_into(a2, d2);
+  // a plane of one block gives reduce_double(a1)'s bits, as before the blocking
+  s1 += _mm512_reduce_add_pd(_mm512_add_pd(_mm512_load_pd(d1), _mm512_load_pd(d1 + 8)));
+  s2 += _mm512_reduce_add_pd(_mm512_add_pd(_mm512_load_pd(d2), _mm512_load_pd(d2 + 8)));
 }
 
 METAFORMER_AVX512 void write_grad_plane_f32(const float* y, const float* grad_out, const int8_t* code, int64_t h,
@@ -247,29 +276,33 @@ METAFORMER_AVX512 inline void conv_block(const float* rows, const float* w, int6
   }
 }
 
+// Blocks of kBlock positions, each lane's kLaneTerms products then added into acc in double (see kLaneTerms).
 template <int P, int NC>
 METAFORMER_AVX512 inline void dot_block(const float* u, const float* rows, int64_t hw, double* acc) {
-  __m512 a[NC][P];
-  #pragma GCC unroll 16
-  for (int c = 0; c < NC; ++c) {
-    #pragma GCC unroll 16
-    for (int i = 0; i < P; ++i) a[c][i] = _mm512_setzero_ps();
-  }
-  for (int64_t k = 0; k < hw; k += 16) {
-    const __mmask16 m = first_lanes(hw - k);
-    __m512 r[P];
-    load_rows<P>(rows, hw, k, m, r);
+  for (int64_t b = 0; b < hw; b += kBlock) {
+    const int64_t e = block_end(b, hw);
+    __m512 a[NC][P];
     #pragma GCC unroll 16
     for (int c = 0; c < NC; ++c) {
-      const __m512 vu = _mm512_maskz_loadu_ps(m, u + c * hw + k);
       #pragma GCC unroll 16
-      for (int i = 0; i < P; ++i) a[c][i] = _mm512_fmadd_ps(vu, r[i], a[c][i]);
+      for (int i = 0; i < P; ++i) a[c][i] = _mm512_setzero_ps();
     }
-  }
-  #pragma GCC unroll 16
-  for (int c = 0; c < NC; ++c) {
+    for (int64_t k = b; k < e; k += 16) {
+      const __mmask16 m = first_lanes(e - k);
+      __m512 r[P];
+      load_rows<P>(rows, hw, k, m, r);
+      #pragma GCC unroll 16
+      for (int c = 0; c < NC; ++c) {
+        const __m512 vu = _mm512_maskz_loadu_ps(m, u + c * hw + k);
+        #pragma GCC unroll 16
+        for (int i = 0; i < P; ++i) a[c][i] = _mm512_fmadd_ps(vu, r[i], a[c][i]);
+      }
+    }
     #pragma GCC unroll 16
-    for (int i = 0; i < P; ++i) acc[c * P + i] += reduce_double(a[c][i]);
+    for (int c = 0; c < NC; ++c) {
+      #pragma GCC unroll 16
+      for (int i = 0; i < P; ++i) acc[c * P + i] += reduce_double(a[c][i]);
+    }
   }
 }
 
@@ -302,12 +335,16 @@ METAFORMER_AVX512 void rows_dot_planes_f32(const float* u, const float* rows, in
   }
   for (; c < nc; ++c) {
     for (int64_t i = 0; i < p; ++i) {
-      __m512 a = _mm512_setzero_ps();
-      for (int64_t k = 0; k < hw; k += 16) {
-        const __mmask16 m = first_lanes(hw - k);
-        a = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, u + c * hw + k), _mm512_maskz_loadu_ps(m, rows + i * hw + k), a);
+      for (int64_t b = 0; b < hw; b += kBlock) {  // as dot_block
+        const int64_t e = block_end(b, hw);
+        __m512 a = _mm512_setzero_ps();
+        for (int64_t k = b; k < e; k += 16) {
+          const __mmask16 m = first_lanes(e - k);
+          a = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, u + c * hw + k), _mm512_maskz_loadu_ps(m, rows + i * hw + k),
+                              a);
+        }
+        acc[c * p + i] += reduce_double(a);
       }
-      acc[c * p + i] += reduce_double(a);
     }
   }
 }

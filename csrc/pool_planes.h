@@ -6,6 +6,7 @@
 
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
@@ -51,23 +52,29 @@ inline int64_t window_offset(int64_t i, int64_t j, int8_t code, int64_t w) {
 
 using simd::kLanes;
 
-// s1 += Σ (p[k] - shift), s2 += Σ (p[k] - shift)^2 over one plane.
+// s1 += Σ (p[k] - shift), s2 += Σ (p[k] - shift)^2 over one plane: kLanes lanes of scalar_t per block of
+// simd::kBlock elements, widened into double lane totals; the vector kernels make the same operations.
 template <typename scalar_t>
 inline void plane_moments(const scalar_t* p, int64_t n, scalar_t shift, double& s1, double& s2) {
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (simd::avx512_selected()) return simd::plane_moments_f32(p, n, shift, s1, s2);
     if (simd::avx2_selected()) return simd::avx2::plane_moments_f32(p, n, shift, s1, s2);
   }
-  scalar_t a1[kLanes] = {}, a2[kLanes] = {};
-  int64_t k = 0;
-  for (; k + kLanes <= n; k += kLanes) {
-    for (int l = 0; l < kLanes; ++l) {
-      const scalar_t d = p[k + l] - shift;
-      a1[l] += d;
-      a2[l] += d * d;
+  double d1[kLanes] = {}, d2[kLanes] = {};
+  const int64_t full = n / kLanes * kLanes;
+  for (int64_t b = 0; b < full; b += simd::kBlock) {  // float lanes of at most kLaneTerms terms (see kBlock)
+    const int64_t e = std::min(b + simd::kBlock, full);
+    scalar_t a1[kLanes] = {}, a2[kLanes] = {};
+    for (int64_t k = b; k < e; k += kLanes) {
+      for (int l = 0; l < kLanes; ++l) {
+        const scalar_t d = p[k + l] - shift;
+        a1[l] += d;
+        a2[l] += d * d;
+      }
     }
+    simd::widen_lanes(a1, a2, d1, d2);
   }
-  simd::finish_moments(a1, a2, p, k, n, shift, s1, s2);
+  simd::finish_moments(d1, d2, p, full, n, shift, s1, s2);
 }
 
 // s1 += Σ u[k], s2 += Σ u[k] * (p[k] - shift) over n elements.
@@ -77,15 +84,20 @@ inline void plane_dot(const scalar_t* u, const scalar_t* p, int64_t n, scalar_t 
     if (simd::avx512_selected()) return simd::plane_dot_f32(u, p, n, shift, s1, s2);
     if (simd::avx2_selected()) return simd::avx2::plane_dot_f32(u, p, n, shift, s1, s2);
   }
-  scalar_t a1[kLanes] = {}, a2[kLanes] = {};
-  int64_t k = 0;
-  for (; k + kLanes <= n; k += kLanes) {
-    for (int l = 0; l < kLanes; ++l) {
-      a1[l] += u[k + l];
-      a2[l] += u[k + l] * (p[k + l] - shift);
+  double d1[kLanes] = {}, d2[kLanes] = {};
+  const int64_t full = n / kLanes * kLanes;
+  for (int64_t b = 0; b < full; b += simd::kBlock) {  // as in plane_moments
+    const int64_t e = std::min(b + simd::kBlock, full);
+    scalar_t a1[kLanes] = {}, a2[kLanes] = {};
+    for (int64_t k = b; k < e; k += kLanes) {
+      for (int l = 0; l < kLanes; ++l) {
+        a1[l] += u[k + l];
+        a2[l] += u[k + l] * (p[k + l] - shift);
+      }
     }
+    simd::widen_lanes(a1, a2, d1, d2);
   }
-  simd::finish_dot(a1, a2, u, p, k, n, shift, s1, s2);
+  simd::finish_dot(d1, d2, u, p, full, n, shift, s1, s2);
 }
 
 // Gathers, for every pooled cell of one plane, grad_out where the cell is active (else 0) and the value of
