@@ -238,3 +238,41 @@ def test_the_log_is_rewritten_atomically_on_resume(tmp_path: Path, monkeypatch: 
     monkeypatch.undo()
     logs.truncate_csv(path, 3)
     assert [line.split(",")[0] for line in path.read_text().splitlines()[1:]] == ["1", "2", "3"]
+
+
+@pytest.mark.parametrize(("overrides", "match"), [
+    # an unknown name: the option and every accepted one (the constructor's TypeError named neither list)
+    (["model.name=protonet", "model.options={distance: cosine}"],
+     r"model\.options do not fit head 'protonet': unknown option 'distance' for head 'protonet'; it accepts: n_way;"),
+    (["model.name=maml", "model.options={inner_stepz: 2}"],
+     r"unknown option 'inner_stepz' for head 'maml'; it accepts: batch_norm, .*inner_lr, inner_steps, .*path;"),
+    (["model.name=maml", "model.options={adapt: head}"], r"unknown option 'adapt' for head 'maml'"),  # MAML fixes it
+    # a wrong type: values that were accepted and silently meant something else, or failed deep inside torch
+    (["model.name=matchingnet", "model.options={fce: maybe}"], r"option 'fce' of head 'matchingnet' must be true or false, got 'maybe'"),
+    (["model.name=metasgd", "model.options={first_order: 3}"], r"option 'first_order' of head 'metasgd' must be true or false, got 3"),
+    (["model.name=lstm", "model.options={hidden: wide}"], r"option 'hidden' of head 'lstm' must be an int, got 'wide'"),
+    (["model.name=anil", "model.options={inner_lr: [0.1]}"], r"option 'inner_lr' of head 'anil' must be a number, got \[0\.1\]"),
+    (["model.name=reptile", "model.options={first_order: false}"], r"Reptile is first order by definition"),
+    (["model.options={d_modle: 16}"],
+     r"model\.options: 'd_modle' is not an option of model\.name=meta_transformer; it accepts: .*d_model, .*n_layers"),
+    (["model.backbone_options={hiden: 8}"],
+     r"model\.backbone_options: 'hiden' is not an option of backbone 'conv4'; it accepts: hidden, in_channels, num_blocks"),
+    (["model.name=maml", "model.options={}", "model.backbone_options={hiden: 8}"],
+     r"model\.backbone_options: 'hiden' is not an option of backbone 'conv4'"),
+])
+def test_model_option_mistakes_name_the_option_and_the_accepted_ones(overrides: list[str], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        build_model(load_config(TINY, overrides))
+
+
+def test_head_options_of_the_right_type_still_build() -> None:
+    """The checks accept what the constructors accept: ints for float options, null for optional ones, and numpy
+    scalars from Python callers (left to the constructor)."""
+    from metaformer.heads import build_head
+    from metaformer.models import build_backbone
+
+    backbone = build_backbone("conv4", in_channels=1, hidden=8)
+    head = build_head("maml", backbone, n_way=3, inner_lr=1, eval_inner_steps=None, first_order=True)
+    assert head.inner_lr == 1.0 and head.first_order is True
+    assert build_head("maml", backbone, n_way=3, inner_lr=np.float32(0.5)).inner_lr == 0.5
+    assert build_model(load_config(TINY, ["model.name=reptile", "model.options={first_order: true, outer_lr: 1}"]))

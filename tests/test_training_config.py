@@ -74,3 +74,61 @@ def test_config_differences_ignore_run_control_keys() -> None:
     diffs = config_differences(a, c)
     assert set(diffs) == {"optim.lr", "model.options"}
     assert "train.steps" in valid_keys()
+
+
+SINUSOID = REPO / "training" / "configs" / "sinusoid.yaml"
+
+
+@pytest.mark.parametrize(("config", "override", "match"), [
+    (SINUSOID, "data.n_way=20", r"data\.n_way=20 is not used with data\.source=sinusoid: .*no classes; remove it "
+                                r"\(its default is 5\)"),
+    (SINUSOID, "data.image_size=64", r"data\.image_size=64 is not used with data\.source=sinusoid: .*not images"),
+    (SINUSOID, "data.root=/data", r"data\.root=/data is not used with data\.source=sinusoid: .*generated"),
+    (TINY, "data.root=/data", r"data\.root=/data is not used with data\.source=glyph"),
+    (TINY, "optim.momentum=0.5", r"optim\.momentum=0\.5 is not used with optim\.name=adamw: only sgd has momentum"),
+    (TINY, "optim.name=sgd optim.betas=[0.8, 0.9]", r"optim\.betas=\[0\.8, 0\.9\] is not used with optim\.name=sgd"),
+    (TINY, "train.max_skips=3", r"train\.max_skips=3 is not used with train\.nan_policy=stop"),
+])
+def test_a_setting_the_run_would_ignore_is_refused(config: Path, override: str, match: str) -> None:
+    """Set to anything but its default, a key the source / optimiser / NaN policy never reads is an error (it was
+    accepted and silently ignored: a sinusoid run with data.n_way=20 trained as if it were not set)."""
+    overrides = override.split(" ", 1) if override.startswith("optim.name=") else [override]
+    with pytest.raises(ConfigError, match=match):
+        load_config(config, overrides)
+
+
+def test_unread_keys_at_their_default_and_where_read_are_accepted() -> None:
+    # the default value itself: full config dumps (a run's config.yaml) hold every key
+    assert load_config(SINUSOID, ["data.n_way=5", "data.image_size=28"]).data.n_way == 5
+    assert load_config(TINY, ["optim.name=sgd", "optim.momentum=0.5"]).optim.momentum == 0.5
+    assert load_config(TINY, ["train.nan_policy=skip", "train.max_skips=3"]).train.max_skips == 3
+    assert load_config(TINY, ["data.source=omniglot", "data.root=/data"]).data.root == "/data"
+
+
+def test_a_stored_config_with_an_unread_setting_still_loads_and_resumes() -> None:
+    """Checkpoints written before the check keep working: readable, and resumable with the setting removed."""
+    from training.config import config_from_dict
+
+    stored = load_config(SINUSOID).to_dict()
+    stored["data"]["n_way"] = 20
+    with pytest.raises(ConfigError, match="data.n_way=20"):
+        config_from_dict(stored)
+    old = config_from_dict(stored, check_unread=False)  # as read_checkpoint reads a stored config
+    assert old.data.n_way == 20
+    assert config_differences(old, load_config(SINUSOID)) == {}  # n_way changes nothing a sinusoid run computes
+    glyph = load_config(TINY)
+    assert set(config_differences(glyph, load_config(TINY, ["data.n_way=4"]))) == {"data.n_way"}
+
+
+def test_a_checkpoint_whose_config_holds_an_unread_setting_is_still_readable(tmp_path: Path) -> None:
+    from training.checkpoint import read_checkpoint, save_checkpoint
+    from training.config import config_from_dict
+    from training.registry import build_model
+
+    stored = load_config(SINUSOID).to_dict()
+    stored["data"]["n_way"] = 20
+    cfg = config_from_dict(stored, check_unread=False)
+    model = build_model(cfg)
+    save_checkpoint(tmp_path, step=1, model_state=model.state_dict(), trainer_state={}, config=cfg,
+                    model_name="meta_transformer", model_class=type(model).__name__)
+    assert read_checkpoint(tmp_path, with_trainer_state=False).config.data.n_way == 20

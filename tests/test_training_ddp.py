@@ -1,8 +1,10 @@
 """Data-parallel meta-training with torchrun (2 processes, gloo, CPU): replicas stay identical and equal a
-single-process run with the same global meta-batch; the MAML inner loop (fused inner_update) runs under DDP."""
+single-process run with the same global meta-batch (weights and logged metrics); every rank has its own random
+stream; the MAML inner loop (fused inner_update) runs under DDP."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -11,9 +13,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
+from training.checkpoint import read_checkpoint
 from training.config import load_config
 from training.trainer import train
 from training_processes import wait_for_log_rows
@@ -66,6 +70,26 @@ def test_ddp_two_ranks_equal_single_process(tmp_path: Path) -> None:
     init = build_model(load_config(TINY, _overrides(single_dir, "maml"))).state_dict()
     moved = max(float((a[k] - init[k]).abs().max()) for k in a if k in init and a[k].is_floating_point())
     assert moved > 1e-3
+
+    # The logged training metrics are the mean over both ranks' tasks, i.e. the single-process run's (they were
+    # rank 0's share alone: the loss of 2 of the 4 tasks).
+    def logged(run: Path) -> list[tuple[int, float, float]]:
+        with open(run / "log.csv", newline="") as fh:
+            return [(int(r["step"]), float(r["loss"]), float(r["accuracy"])) for r in csv.DictReader(fh)]
+
+    ddp_rows, single_rows = logged(ddp_dir), logged(single_dir)
+    assert [r[0] for r in ddp_rows] == [r[0] for r in single_rows] == [2, 4, 5]
+    assert [r[1:] for r in ddp_rows] == [pytest.approx(r[1:], rel=1e-5) for r in single_rows]
+    assert summary["metrics"]["loss"] == pytest.approx(single_rows[-1][1], rel=1e-5)
+
+    # Each rank's own randomness (dropout, ProbMAML samples) has its own stream: with one seed for both, ranks drew
+    # identical masks for different tasks. Rank 0 keeps the single-process stream.
+    ddp_rngs = read_checkpoint(ddp_dir).trainer_state["rng_per_rank"]
+    single_rng = read_checkpoint(single_dir).trainer_state["rng_per_rank"][0]
+    assert len(ddp_rngs) == 2 and torch.equal(ddp_rngs[0]["torch"], single_rng["torch"])
+    assert not torch.equal(ddp_rngs[0]["torch"], ddp_rngs[1]["torch"])
+    assert not torch.equal(ddp_rngs[0]["numpy_keys"], ddp_rngs[1]["numpy_keys"])
+    assert not torch.equal(ddp_rngs[0]["python_state"], ddp_rngs[1]["python_state"])
 
 
 def _rank_pids(parent: int) -> dict[int, int]:

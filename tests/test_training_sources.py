@@ -4,6 +4,8 @@ the real data, bf16 autocast on CPU, and fp16 with a GradScaler (on CPU here, th
 from __future__ import annotations
 
 import contextlib
+import csv
+import json
 import math
 import os
 import warnings
@@ -160,3 +162,58 @@ def test_cpu_has_fast_bf16_is_onednn_s_answer() -> None:
     """The check is oneDNN's own (not a guess from CPU flags), so it follows what the kernels will do."""
     expected = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     assert trainer_module.cpu_has_fast_bf16() is bool(expected)
+
+
+def _fp16_trainer(out: Path, *extra: str, resume: bool = False) -> Trainer:
+    cfg = load_config(TINY, [f"out_dir={out}", "train.precision=fp16", "train.device=cpu", "train.log_every=2",
+                             "model.name=protonet", "model.options={}", *extra])
+    with pytest.warns(UserWarning, match="fp16 on CPU"):
+        return Trainer(cfg, resume=resume)
+
+
+def test_steps_the_grad_scaler_skips_are_counted_logged_and_kept_across_a_resume(tmp_path: Path) -> None:
+    """A scale so large that every fp16 gradient overflows: no step updates the weights, and the run says so (it
+    used to log a falling loss with skipped=0, as if it trained)."""
+    out = tmp_path / "o"
+    trainer = _fp16_trainer(out, "train.steps=4")
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**120)
+    before = [p.detach().clone() for p in trainer.params]
+    res = trainer.run()
+    assert all(torch.equal(a, p.detach()) for a, p in zip(before, trainer.params))  # the scaler skipped all 4
+    assert res.scaler_skipped_steps == 4 and res.skipped_steps == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["scaler_skipped_steps"] == 4 and summary["skipped_steps"] == 0
+    rows = list(csv.DictReader((out / "log.csv").open()))
+    assert [(r["step"], r["scaler_skipped"], float(r["loss_scale"])) for r in rows] == [
+        ("2", "2", 2.0**118), ("4", "4", 2.0**116)]
+    assert read_checkpoint(out).trainer_state["scaler_skipped"] == 4
+    resumed = _fp16_trainer(out, "train.steps=6", resume=True).run()  # the scaler resumes at 2**116: still overflows
+    assert resumed.scaler_skipped_steps == 6
+    assert json.loads((out / "summary.json").read_text())["scaler_skipped_steps"] == 6
+
+
+def _infinite_gradient(trainer: Trainer) -> None:
+    """A gradient that is infinite at every loss scale (a diverged model), with a finite loss."""
+    trainer.params[0].register_hook(lambda g: torch.full_like(g, math.inf))
+
+
+def test_grad_scaler_overflowing_below_scale_1_is_a_non_finite_gradient(tmp_path: Path) -> None:
+    """The scaler halves its scale 4 -> 2 -> 1 -> 0.5 (three skips: it may be the scale that overflows); an overflow
+    at 0.5 scales the loss down, so the gradient itself is not finite: train.nan_policy=stop stops there instead of
+    skipping every step while the scale falls towards 0."""
+    trainer = _fp16_trainer(tmp_path / "o", "train.steps=20")
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    _infinite_gradient(trainer)
+    with pytest.raises(trainer_module.NonFiniteLossError,
+                       match=r"non-finite gradient \(the fp16 GradScaler overflowed at loss scale 0\.5, below 1.* at step 4 "):
+        trainer.run()
+    assert trainer.scaler_skipped == 4 and trainer.skipped == 0
+
+
+def test_grad_scaler_overflows_below_scale_1_count_as_nan_policy_skips(tmp_path: Path) -> None:
+    trainer = _fp16_trainer(tmp_path / "o", "train.steps=20", "train.nan_policy=skip", "train.max_skips=2")
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    _infinite_gradient(trainer)
+    with pytest.raises(trainer_module.NonFiniteLossError, match=r"3 consecutive non-finite steps \(last: step 6\)"):
+        trainer.run()
+    assert trainer.scaler_skipped == 6 and trainer.skipped == 3  # steps 4-6 (scales 0.5, 0.25, 0.125)

@@ -387,7 +387,8 @@ def read_checkpoint(path: Union[str, Path], *, with_trainer_state: bool = True, 
     import yaml
 
     try:
-        config = config_from_dict(yaml.safe_load((path / CONFIG_FILE).read_text()) or {})
+        # check_unread=False: a checkpoint written before unread settings were refused must stay readable
+        config = config_from_dict(yaml.safe_load((path / CONFIG_FILE).read_text()) or {}, check_unread=False)
     except (ConfigError, yaml.YAMLError) as exc:
         raise CheckpointError(f"the config stored in {path / CONFIG_FILE} is not usable: {exc}") from None
     trainer_state = None

@@ -326,13 +326,18 @@ def _apply_override(data: dict, assignment: str) -> None:
             node = sub
 
 
-def config_from_dict(data: dict, overrides: Optional[list[str]] = None) -> Config:
-    """Build and validate a Config from a nested dict plus `key=value` overrides."""
+def config_from_dict(data: dict, overrides: Optional[list[str]] = None, check_unread: bool = True) -> Config:
+    """Build and validate a Config from a nested dict plus `key=value` overrides (see check_unread_keys).
+
+    ``check_unread`` False accepts settings the run never reads: configs stored by earlier versions, which did not
+    refuse them, stay loadable."""
     data = copy.deepcopy(data)
     for assignment in overrides or []:
         _apply_override(data, assignment)
     cfg = _build(Config, data)
     validate(cfg)
+    if check_unread:
+        check_unread_keys(cfg)
     return cfg
 
 
@@ -352,6 +357,44 @@ def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
+def unread_keys(cfg: Config) -> dict[str, str]:
+    """Dotted keys that this config's source, optimiser or NaN policy never reads, each with the reason."""
+    d, o, t = cfg.data, cfg.optim, cfg.train
+    rules = (
+        ("data.n_way", d.source == "sinusoid", "data.source=sinusoid: a sinusoid task is a regression, with no classes"),
+        ("data.image_size", d.source == "sinusoid", "data.source=sinusoid: its inputs are scalars x, not images"),
+        ("data.root", d.source in ("sinusoid", "glyph"), f"data.source={d.source}: the family is generated, not read "
+                                                         "from disk"),
+        ("optim.momentum", o.name != "sgd", f"optim.name={o.name}: only sgd has momentum ({o.name} uses optim.betas)"),
+        ("optim.betas", o.name == "sgd", "optim.name=sgd: sgd has no betas (it uses optim.momentum)"),
+        ("train.max_skips", t.nan_policy == "stop", "train.nan_policy=stop: max_skips limits consecutive skipped steps "
+                                                    "under nan_policy=skip, and stop ends the run at the first one"),
+    )
+    return {key: why for key, unread, why in rules if unread}
+
+
+def _value(cfg: Config, key: str) -> Any:
+    """The plain value (tuples as lists) of a dotted section.key."""
+    section, name = key.split(".")
+    return _plain(getattr(getattr(cfg, section), name))
+
+
+def check_unread_keys(cfg: Config) -> None:
+    """Refuse a setting the run would silently ignore: a key of unread_keys whose value is not its default.
+
+    The default itself is accepted, so full config dumps (a run's config.yaml) and the shipped configs pass."""
+    defaults = Config()
+    bad = [(key, why) for key, why in unread_keys(cfg).items() if _value(cfg, key) != _value(defaults, key)]
+    if bad:
+        raise ConfigError("; ".join(f"{key}={_shown(_value(cfg, key))} is not used with {why}; remove it (its default "
+                                    f"is {_shown(_value(defaults, key))})" for key, why in bad))
+
+
+def _shown(value: Any) -> str:
+    """A value as it would be written in a config or an override (YAML flow style: null, [0.9, 0.999])."""
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     out = {}
     for k, v in d.items():
@@ -363,11 +406,16 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def config_differences(a: Config, b: Config, ignore_mutable: bool = True) -> dict[str, tuple[Any, Any]]:
-    """Dotted keys whose values differ between two configs (optionally ignoring run-control keys)."""
+    """Dotted keys whose values differ between two configs (optionally ignoring run-control keys).
+
+    Keys that neither config reads (unread_keys) are not differences: they change nothing either run computes."""
     fa, fb = _flatten(a.to_dict()), _flatten(b.to_dict())
+    unread = set(unread_keys(a)) & set(unread_keys(b))
     diffs = {}
     for k in sorted(set(fa) | set(fb)):
         if ignore_mutable and (k in RESUME_MUTABLE_KEYS or k.startswith(RESUME_MUTABLE_PREFIXES)):
+            continue
+        if k in unread:
             continue
         if fa.get(k) != fb.get(k):
             diffs[k] = (fa.get(k), fb.get(k))

@@ -87,3 +87,19 @@ def cleanup(info: DistInfo, synchronize: bool = False) -> None:
             dist.barrier()
         dist.destroy_process_group()
         gc.collect()  # free what still holds the group (a dropped DDP wrapper's cycle) now, not at finalization
+
+
+def mean_over_ranks(window: dict[str, list[float]], weight: float, info: DistInfo) -> dict[str, float]:
+    """Per-key mean of every rank's logged values, each value weighted by `weight` (its rank's tasks per step).
+
+    One collective per call (all ranks must call it together); without a process group, the plain means."""
+    if not info.enabled:
+        return {k: sum(v) / len(v) for k, v in window.items() if v}
+    local = {k: (weight * sum(v), weight * len(v)) for k, v in window.items()}
+    totals: dict[str, list[float]] = {}
+    for part in all_gather_objects(local, info):
+        for key, (total, count) in part.items():
+            acc = totals.setdefault(key, [0.0, 0.0])
+            acc[0] += total
+            acc[1] += count
+    return {k: total / count for k, (total, count) in totals.items() if count > 0}

@@ -11,8 +11,10 @@ from typing import Optional
 from training.atomic import atomic_write_text
 
 CSV_NAME = "log.csv"
+# skipped: steps train.nan_policy=skip skipped; scaler_skipped: fp16 steps the GradScaler skipped for overflow (both
+# totals since step 0); loss_scale: the GradScaler's scale (fp16 only)
 CSV_FIELDS = ("step", "episodes", "loss", "accuracy", "mse", "lr", "grad_norm", "episodes_per_s", "skipped",
-              "val_accuracy", "val_mse", "wall_s")
+              "val_accuracy", "val_mse", "wall_s", "scaler_skipped", "loss_scale")
 
 
 def truncate_csv(path: Path, last_step: int) -> None:

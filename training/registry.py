@@ -3,7 +3,9 @@ needs the parts it names."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import inspect
 from pathlib import Path
 from typing import Any, Optional
 
@@ -200,9 +202,31 @@ def backbone_kwargs(cfg: Config) -> dict[str, Any]:
     return {**base, **cfg.model.backbone_options}
 
 
+def _refuse_unknown(section: str, given: Any, accepted: Any, owner: str) -> None:
+    """ConfigError naming the keys of `given` that `owner` does not take, and those it does."""
+    unknown = sorted(set(given) - set(accepted))
+    if unknown:
+        verb = "is not an option" if len(unknown) == 1 else "are not options"
+        raise ConfigError(f"{section}: {', '.join(map(repr, unknown))} {verb} of {owner}; it accepts: "
+                          f"{', '.join(sorted(accepted))}")
+
+
+def _check_backbone_options(cfg: Config, models: Any) -> None:
+    """ConfigError for a model.backbone_options key that the registered backbone's constructor does not take."""
+    key = models.backbones.registered_backbone_key(cfg.model.backbone)
+    if key is None:
+        return  # not a registered name: build_backbone says which names exist
+    params = inspect.signature(models.backbones.BACKBONES[key]).parameters.values()
+    if not any(p.kind is p.VAR_KEYWORD for p in params):  # a constructor taking **kwargs checks them itself
+        _refuse_unknown("model.backbone_options", cfg.model.backbone_options,
+                        [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)],
+                        f"backbone {cfg.model.backbone!r}")
+
+
 def build_backbone(cfg: Config) -> nn.Module:
     """The configured feature extractor (Conv4, ResNet12, MLP)."""
     models = _import("metaformer.models", "model.backbone")
+    _check_backbone_options(cfg, models)
     try:
         return models.build_backbone(cfg.model.backbone, **backbone_kwargs(cfg))
     except ValueError as exc:
@@ -247,6 +271,9 @@ def build_model(cfg: Config) -> nn.Module:
         else:
             kw.update(max_way=max_ways(cfg.data))
         kw.update(cfg.model.options)
+        _refuse_unknown("model.options", cfg.model.options,
+                        [f.name for f in dataclasses.fields(models.MetaTransformerConfig)], "model.name=meta_transformer")
+        _check_backbone_options(cfg, models)
         try:
             mcfg = models.MetaTransformerConfig(**kw)
         except (TypeError, ValueError) as exc:

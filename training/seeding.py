@@ -46,3 +46,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of one data-parallel rank's own randomness: `seed` itself on rank 0, a distinct one on every other."""
+    # an odd 32-bit constant (the golden ratio's): distinct seeds for every rank, and also distinct modulo 2**32
+    # (numpy's seed range) for fewer than 2**32 ranks
+    return seed + rank * 0x9E3779B9

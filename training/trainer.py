@@ -19,18 +19,24 @@ from training import checkpoint as ckpt_io
 from training.atomic import atomic_write_text
 from training.config import Config, ConfigError, config_differences, dump_config
 from training.distributed import (DistInfo, all_gather_objects, any_rank, cleanup, init_from_env, max_over_ranks,
-                                  max_param_divergence)
+                                  max_param_divergence, mean_over_ranks)
 from training.interrupts import StopRequest, TrainingInterrupted, ignore_interrupts_in_worker
 from training.logs import RunLogger
 from training.optim import build_optimizer, build_scheduler
 from training.registry import build_episodes, build_model
-from training.seeding import rng_state, seed_everything, set_rng_state
+from training.seeding import rank_seed, rng_state, seed_everything, set_rng_state
 from training.warm_start import warm_start
 
 SUMMARY_FILE = "summary.json"
 # Why a run stops early, as a number every rank can reduce with MAX: 1 = train.max_minutes is up, 2-3 = a signal.
 _HALT_CODES = {"SIGINT": 2, "SIGTERM": 3}
 _HALT_NAMES = {code: name for name, code in _HALT_CODES.items()}
+# fp16: the GradScaler skips a step whose scaled gradients overflow and halves its scale (counted as scaler_skipped,
+# a normal part of fp16 training). Below a scale of 1 the loss is scaled down, so an overflow there means the
+# gradient is non-finite at its true size and no further back-off can help: such a step is a non-finite gradient
+# for train.nan_policy, as in fp32. From the initial scale 2**16, 17 overflowing steps in a row are skipped (scales
+# 2**16 .. 1) before the next one counts.
+MIN_LOSS_SCALE = 1.0
 
 
 class NonFiniteLossError(RuntimeError):
@@ -62,6 +68,7 @@ class TrainResult:
     checkpoint: Optional[Path] = None
     ddp_max_param_divergence: float = 0.0
     skipped_steps: int = 0
+    scaler_skipped_steps: int = 0  # fp16: optimizer steps the GradScaler skipped because the gradients overflowed
     rank: int = 0
     interrupted: Optional[str] = None  # "SIGINT" / "SIGTERM" when a signal stopped the run before train.steps
 
@@ -170,13 +177,19 @@ class Trainer:
             )
         seed_everything(cfg.seed)
         self.model = build_model(cfg).to(self.device)
+        if self.info.rank:
+            # Every rank builds the same initial weights (above), but the model's own randomness (dropout, ProbMAML's
+            # weight samples) must differ between ranks: with one seed, ranks would draw the same masks and samples
+            # for their different tasks. Rank 0 keeps the seed's stream, that of a single-process run.
+            seed_everything(rank_seed(cfg.seed, self.info.rank))
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, t.steps)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.precision == "fp16")
         self.step = 0
-        self.skipped = 0
+        self.skipped = 0  # steps train.nan_policy=skip skipped (non-finite loss, buffers or gradient)
         self.consecutive_skips = 0  # in the checkpoint: train.max_skips counts across a resume
+        self.scaler_skipped = 0  # fp16: steps the GradScaler skipped for overflow (see MIN_LOSS_SCALE); checkpointed
         self.best_value: Optional[float] = None
         restored = False
         if resume:
@@ -264,6 +277,7 @@ class Trainer:
         self.step = int(state.get("step", ckpt.step))
         self.skipped = int(state.get("skipped", 0))
         self.consecutive_skips = int(state.get("consecutive_skips", 0))
+        self.scaler_skipped = int(state.get("scaler_skipped", 0))
         self.best_value = state.get("best_value")
         return True
 
@@ -281,6 +295,7 @@ class Trainer:
             "episodes_seen": self.step * self.cfg.train.meta_batch,
             "skipped": self.skipped,
             "consecutive_skips": self.consecutive_skips,
+            "scaler_skipped": self.scaler_skipped,
             "best_value": self.best_value,
             "world_size": self.info.world_size,
         }
@@ -406,14 +421,19 @@ class Trainer:
                 if self.step % t.log_every == 0 or last or halt:
                     now = time.perf_counter()
                     eps = steps_window * t.meta_batch / max(now - t_window, 1e-9)
-                    row = {k: sum(v) / len(v) for k, v in window.items()}
+                    # the window's metrics over every rank's tasks, not rank 0's share alone
+                    row = mean_over_ranks(window, self.tasks_per_rank, self.info)
                     row.update(episodes=self.step * t.meta_batch, lr=self.scheduler.get_last_lr()[0], episodes_per_s=eps,
-                               skipped=self.skipped, wall_s=now - t_start, grad_norm=metrics.get("grad_norm", float("nan")))
+                               skipped=self.skipped, scaler_skipped=self.scaler_skipped, wall_s=now - t_start,
+                               grad_norm=metrics.get("grad_norm", float("nan")))
+                    if self.scaler.is_enabled():
+                        row["loss_scale"] = self.scaler.get_scale()
                     if logger is not None:
                         logger.log(self.step, row)
                     if bar is not None:
                         bar.set_postfix({k: f"{row[k]:.3f}" for k in ("loss", "accuracy", "mse") if k in row}
-                                        | {"ep/s": f"{eps:.1f}"})
+                                        | {"ep/s": f"{eps:.1f}"}
+                                        | ({"amp_skipped": self.scaler_skipped} if self.scaler_skipped else {}))
                     metrics = row
                     window, t_window, steps_window = {}, now, 0
                 do_val = t.val_every > 0 and (self.step % t.val_every == 0 or last)
@@ -445,7 +465,7 @@ class Trainer:
             run_dir=self.run_dir, step=self.step, metrics=metrics, seconds=seconds,
             episodes_per_s=steps_done * t.meta_batch / max(seconds, 1e-9), checkpoint=last_ckpt,
             ddp_max_param_divergence=max_param_divergence(self.model, self.info), skipped_steps=self.skipped,
-            rank=self.info.rank, interrupted=interrupted,
+            scaler_skipped_steps=self.scaler_skipped, rank=self.info.rank, interrupted=interrupted,
         )
         if main:
             self._write_summary(result)
@@ -457,7 +477,8 @@ class Trainer:
             "step": result.step, "seconds": result.seconds if timed else None,
             "episodes_per_s": result.episodes_per_s if timed else None, "world_size": self.info.world_size,
             "ddp_max_param_divergence": result.ddp_max_param_divergence if timed else None,
-            "skipped_steps": self.skipped, "checkpoint": str(result.checkpoint) if result.checkpoint else None,
+            "skipped_steps": self.skipped, "scaler_skipped_steps": self.scaler_skipped,
+            "checkpoint": str(result.checkpoint) if result.checkpoint else None,
             "interrupted": result.interrupted,
             "metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)},
         }
@@ -478,7 +499,8 @@ class Trainer:
                 metrics = {}  # an unreadable summary only loses the echo of the last metrics; the run is intact
         ckpts = ckpt_io.list_checkpoints(self.run_dir)
         result = TrainResult(run_dir=self.run_dir, step=self.step, metrics=metrics,
-                             checkpoint=ckpts[-1] if ckpts else None, skipped_steps=self.skipped, rank=self.info.rank)
+                             checkpoint=ckpts[-1] if ckpts else None, skipped_steps=self.skipped,
+                             scaler_skipped_steps=self.scaler_skipped, rank=self.info.rank)
         if self.info.is_main and not summary.is_file():
             # killed after its last checkpoint, before the summary: write it now from that checkpoint's metrics
             meta = json.loads((ckpts[-1] / ckpt_io.META_FILE).read_text()) if ckpts else {}
@@ -549,27 +571,43 @@ class Trainer:
             what = f"gradient norm {grad_norm}"
             if bad_loss:
                 what = f"loss {loss_value}" if not bad_buffers else f"buffers {', '.join(bad_buffers[:3])} (loss {loss_value})"
-            if cfg.train.nan_policy == "stop":
-                raise NonFiniteLossError(
-                    f"non-finite {what} at step {self.step + 1} (episodes {self.step * cfg.train.meta_batch}.."
-                    f"{(self.step + 1) * cfg.train.meta_batch - 1}); the weights were not updated and no checkpoint "
-                    "was written for it. Lower optim.lr, enable optim.grad_clip, use precision fp32, or set "
-                    "train.nan_policy=skip to skip such steps"
-                )
-            self.optimizer.zero_grad(set_to_none=True)
-            if saved is not None:
-                with torch.no_grad():
-                    for b, old in zip(buffers, saved):
-                        b.copy_(old)
-            self.scheduler.step()
-            return {"loss": float("nan")}, True
+            return self._skip_or_stop(what, buffers, saved, step_schedule=True)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         with warnings.catch_warnings():
             # a step the GradScaler skipped for overflow still advances the schedule, by design
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
             self.scheduler.step()
+        # The scaler lowers its scale exactly when it found inf/NaN in the gradients and so skipped the update; its
+        # gradients are DDP-averaged, so every rank sees the same overflow and takes the same branch.
+        if self.scaler.is_enabled() and self.scaler.get_scale() < scale:
+            self.scaler_skipped += 1
+            if scale < MIN_LOSS_SCALE:
+                return self._skip_or_stop(
+                    f"gradient (the fp16 GradScaler overflowed at loss scale {scale:g}, below {MIN_LOSS_SCALE:g}: the "
+                    f"gradient is not finite even unscaled; {self.scaler_skipped} steps skipped by the scaler so far)",
+                    buffers, saved, step_schedule=False)  # stepped above
         return {**{k: float(v) for k, v in metrics.items()}, "grad_norm": grad_norm}, False
+
+    def _skip_or_stop(self, what: str, buffers: list[Tensor], saved: Optional[list[Tensor]],
+                      step_schedule: bool) -> tuple[dict[str, float], bool]:
+        """A step with a non-finite `what` under train.nan_policy: raise (stop), or undo its buffer updates (skip)."""
+        cfg = self.cfg
+        if cfg.train.nan_policy == "stop":
+            raise NonFiniteLossError(
+                f"non-finite {what} at step {self.step + 1} (episodes {self.step * cfg.train.meta_batch}.."
+                f"{(self.step + 1) * cfg.train.meta_batch - 1}); the weights were not updated and no checkpoint "
+                "was written for it. Lower optim.lr, enable optim.grad_clip, use precision fp32, or set "
+                "train.nan_policy=skip to skip such steps"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        if saved is not None:
+            with torch.no_grad():
+                for b, old in zip(buffers, saved):
+                    b.copy_(old)
+        if step_schedule:
+            self.scheduler.step()  # a skipped step still counts in the schedule, which follows the step number
+        return {"loss": float("nan")}, True
 
 
 def train(cfg: Config, resume: bool = False, data_root: Optional[str] = None) -> TrainResult:

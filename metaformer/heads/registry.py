@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import inspect
+import types
+import typing
+from typing import Any, Callable, Optional, Union
 
 from torch import nn
 
@@ -41,14 +44,89 @@ HEADS: dict[str, Callable[..., FewShotHead]] = {
 ALIASES: dict[str, str] = {"probabilisticmaml": "probmaml", "platipus": "probmaml"}
 
 
-def build_head(name: str, backbone: nn.Module, **kw: Any) -> FewShotHead:
-    """Build a head by name ("maml", "fomaml", "anil", "metasgd", "reptile", "lstm", "protonet", "matchingnet",
-    "probmaml" (aliases "probabilistic_maml", "platipus"), "baseline", "baselinepp" (transfer baselines of
-    Chen et al. 2019: supervised pre-training, a new linear / cosine classifier per task))."""
+# Keyword arguments a head passes to its base class itself: not options of that head, although the base takes them.
+_FIXED_BY: dict[type, frozenset[str]] = {MAML: frozenset({"adapt"}), ANIL: frozenset({"adapt"})}
+# Heads that are functions forwarding to a class: that class's options are theirs.
+_OPTIONS_OF: dict[Callable[..., FewShotHead], type] = {_fomaml: MAML}
+# The values a config (YAML) gives; other values (numpy scalars, tensors) go to the constructor unchecked.
+_CONFIG_TYPES = (str, bool, int, float, list, dict, type(None))
+
+
+def head_options(name: str) -> dict[str, inspect.Parameter]:
+    """The keyword options head `name` accepts besides its backbone, following ``**kw`` into its base classes."""
+    key = _key(name)
+    target: Any = _OPTIONS_OF.get(HEADS[key], HEADS[key])
+    fixed: set[str] = set()
+    options: dict[str, inspect.Parameter] = {}
+    for owner in target.__mro__:
+        init = owner.__dict__.get("__init__")
+        if init is None:
+            continue
+        params = [p for p in inspect.signature(init).parameters.values() if p.name not in ("self", "backbone")]
+        try:
+            hints = typing.get_type_hints(init)
+        except (NameError, TypeError):  # an annotation that does not resolve: no type check for that constructor
+            hints = {}
+        for p in params:
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in fixed:
+                options.setdefault(p.name, p.replace(annotation=hints.get(p.name, inspect.Parameter.empty)))
+        fixed |= _FIXED_BY.get(owner, frozenset())
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            break  # the rest of the chain only sees what this constructor passes on
+    return options
+
+
+def _allowed_types(annotation: Any) -> Optional[tuple[type, ...]]:
+    """The config value types an annotation admits (float admits int), or None when it is not a plain scalar."""
+    if annotation is type(None):
+        return (type(None),)
+    if annotation is float:
+        return (int, float)
+    if annotation in (bool, int, str):
+        return (annotation,)
+    if typing.get_origin(annotation) in (Union, types.UnionType):
+        parts = [_allowed_types(a) for a in typing.get_args(annotation)]
+        return None if any(p is None for p in parts) else tuple(t for p in parts if p for t in p)
+    return None
+
+
+def _type_name(types_: tuple[type, ...]) -> str:
+    """How an error message says which values are allowed ("an int or null")."""
+    names = {bool: "true or false", int: "an int", float: "a number", str: "a string", type(None): "null"}
+    return " or ".join(names[t] for t in types_ if not (t is int and float in types_))
+
+
+def check_head_options(name: str, kw: dict[str, Any]) -> None:
+    """Raise ValueError naming an option `name` does not accept (with the accepted ones) or a value of the wrong type."""
+    options = head_options(name)
+    unknown = sorted(set(kw) - set(options))
+    if unknown:
+        raise ValueError(f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} for head "
+                         f"{name!r}; it accepts: {', '.join(sorted(options))}")
+    for option, value in kw.items():
+        allowed = _allowed_types(options[option].annotation)
+        if allowed is None or not isinstance(value, _CONFIG_TYPES):
+            continue
+        # bool is an int subclass, but true/false for a count or a rate is a mistake
+        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+            raise ValueError(f"option {option!r} of head {name!r} must be {_type_name(allowed)}, got {value!r}")
+
+
+def _key(name: str) -> str:
+    """The HEADS key of a head name or alias; ValueError naming the heads for an unknown one."""
     key = name.lower().replace("-", "").replace("_", "")
     key = ALIASES.get(key, key)
     if key not in HEADS:
         raise ValueError(f"unknown head {name!r}; choose one of {sorted(HEADS)}")
+    return key
+
+
+def build_head(name: str, backbone: nn.Module, **kw: Any) -> FewShotHead:
+    """Build a head by name ("maml", "fomaml", "anil", "metasgd", "reptile", "lstm", "protonet", "matchingnet",
+    "probmaml" (aliases "probabilistic_maml", "platipus"), "baseline", "baselinepp" (transfer baselines of
+    Chen et al. 2019: supervised pre-training, a new linear / cosine classifier per task))."""
+    key = _key(name)
+    check_head_options(name, kw)  # before the constructor: its TypeError would not say which options exist
     try:
         return HEADS[key](backbone, **kw)
     except TypeError as e:

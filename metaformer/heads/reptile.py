@@ -25,7 +25,8 @@ class Reptile(GradientHead):
 
     def __init__(self, backbone: nn.Module, n_way: int = 5, *, outer_lr: float = 0.1, **kw: Any) -> None:
         """Options as MAML (``first_order`` is always True); ``outer_lr`` is the Reptile step size epsilon."""
-        kw.pop("first_order", None)
+        if kw.pop("first_order", True) is not True:  # was dropped silently: Reptile never differentiates the inner loop
+            raise ValueError("Reptile is first order by definition; drop first_order (or set it to True)")
         if kw.get("batch_norm", "transductive") != "transductive":
             raise ValueError("Reptile supports batch_norm='transductive' only (the per-step table has no Reptile update)")
         if kw.get("adapt", "all") != "all":
