@@ -24,7 +24,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", required=True, nargs="+", help="run folders or step folders; several give one table")
     e.add_argument("--config", default=None, help="config fixing the episodes (default: the first checkpoint's)")
     e.add_argument("--set", action="extend", nargs="+", metavar="KEY=VALUE", default=[], help="override config keys")
-    e.add_argument("--episodes", type=int, default=None, help="number of evaluation episodes (default eval.episodes, 600)")
+    e.add_argument("--episodes", type=int, default=None,
+                   help="number of evaluation episodes (default: eval.episodes of --config, else of the first "
+                   "checkpoint's config)")
     e.add_argument("--which", choices=("latest", "best"), default="latest",
                    help="checkpoint of a run folder to use; best (the best validation step, best.json) is refused for a "
                    "run that recorded none")
@@ -49,15 +51,23 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default=None, help="also write the combined eval.json and eval.md here")
 
     d = sub.add_parser("demo", help="offline glyph demo: Meta-Transformer vs ProtoNet vs FOMAML on Conv-4")
-    d.add_argument("--out", default="runs/demo", help="output folder (tables, PNGs, runs)")
-    d.add_argument("--budget-seconds", type=float, default=120.0, help="total training time, split over the 3 methods")
+    d.add_argument("--out", default="runs/demo", help="output folder (tables, PNGs, runs) (default: %(default)s)")
+    d.add_argument("--budget-seconds", type=float, default=120.0,
+                   help="total training time in seconds, split over the 3 methods (default: %(default)s)")
     d.add_argument("--quick", action="store_true", help="a few steps and 40 episodes: a smoke test in seconds")
-    d.add_argument("--episodes", type=int, default=None, help="test episodes (default 600; 40 with --quick)")
+    d.add_argument("--episodes", type=int, default=None,
+                   help="test episodes (default: eval.episodes of training/configs/glyph_demo.yaml, 600; 40 with "
+                   "--quick)")
     d.add_argument("--set", action="extend", nargs="+", metavar="KEY=VALUE", default=[], help="override demo config keys")
     d.add_argument("--no-progress", action="store_true")
 
     r = sub.add_parser("predict", help="few-shot predictions from a checkpoint, a labelled support set and queries")
-    r.add_argument("--checkpoint", required=True, help="folder written by scripts/finetune_encoder.py / FewShotModel.save_pretrained")
+    r.add_argument("--checkpoint", required=True,
+                   help="folder written by scripts/finetune_encoder.py / FewShotModel.save_pretrained, or a `metaformer "
+                   "train` run folder, step folder or export (e.g. pretrained/omniglot_meta_transformer)")
+    r.add_argument("--which", choices=("latest", "best"), default="latest",
+                   help="checkpoint of a run folder to use (as for eval); best is refused for a run that recorded no "
+                   "validation result")
     r.add_argument("--support", required=True, help="folder with one subfolder per class, or a CSV/JSONL of text and label")
     r.add_argument("--query", required=True, help="folder or file of unlabelled examples (images, .txt, .csv, .jsonl)")
     r.add_argument("--out", default=None, help="output file (.csv or .json); default: CSV on stdout")
@@ -65,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (CUDA when available)")
     r.add_argument("--batch-size", type=int, default=64, help="examples per encoder forward pass (>= 1)")
     r.add_argument("--inner-steps", type=int, default=None,
-                   help="MAML checkpoints only: inner steps on the support set (>= 0)")
+                   help="MAML-family checkpoints only: inner steps on the support set (>= 0)")
     return p
 
 

@@ -18,6 +18,12 @@ shots. More classes than the head's ``max_way`` are handled by the *hierarchical
 4. ``P(c) = P(chunk of c) * P(c | chunk of c)``, which sums to one over the C classes.
 
 ``on_too_many_ways="error"`` raises instead.
+
+:class:`TrainedFewShotModel` makes a ``metaformer train`` checkpoint (a run folder, one of its step folders, a
+``metaformer export`` folder, ``pretrained/omniglot_meta_transformer``) usable the same way: there the "encoder" is
+the identity over image tensors, the trained learner is the head, and :class:`ImagePreprocessing` (built from the
+checkpoint's config) turns image files into the tensors its training data pipeline produced.
+:func:`load_predict_model` loads either kind of folder.
 """
 
 from __future__ import annotations
@@ -39,7 +45,8 @@ from metaformer.models.meta_transformer import MetaTransformer, MetaTransformerC
 
 __all__ = [
     "FewShotModel", "FewShotPredictor", "HEAD_TYPES", "featurize_batch", "embed_items", "load_image_files",
-    "feature_source", "evaluate_features", "episode_logits", "build_feature_head",
+    "feature_source", "evaluate_features", "episode_logits", "build_feature_head", "ImagePreprocessing",
+    "TrainedFewShotModel", "load_predict_model", "checkpoint_kind",
 ]
 
 HEAD_TYPES = ("meta_transformer", "protonet", "maml")
@@ -47,6 +54,8 @@ MODEL_FILE = "fewshot.json"
 WEIGHTS_FILE = "model.safetensors"
 ENCODER_DIR = "encoder"
 FORMAT = "metaformer-fewshot/1"
+# data.source values of `metaformer train` whose items are images, and how image files are turned into them
+IMAGE_SOURCES = ("glyph", "omniglot")
 
 
 def _feature_net(dim: int, feature_net: str, hidden: int, layers: int) -> nn.Module:
@@ -154,6 +163,10 @@ class FewShotModel(nn.Module):
             return None
         return self.head.n_out
 
+    def read_image_files(self, paths: Sequence[str | Path]) -> Tensor:
+        """Image files -> the encoder's input tensor [N, C, H, W] in [0, 1] (its channels and size)."""
+        return load_image_files(paths, self.encoder.num_channels, self.encoder.image_size)
+
     def loss(self, batch: EpisodeBatch) -> tuple[Tensor, dict[str, float]]:
         """Meta-training loss of a raw-item EpisodeBatch (features computed here, gradients reach the encoder)."""
         return self.head.loss(featurize_batch(self.encoder, batch))
@@ -213,10 +226,189 @@ def load_image_files(paths: Sequence[str | Path], num_channels: int, image_size:
     return torch.from_numpy(np.stack(arrays)).float().div_(255.0)
 
 
+class ImagePreprocessing:
+    """Image files -> the tensors a `metaformer train` model saw in training, from its config (data.source, image_size).
+
+    Both image sources draw strokes as 1 on a 0 background: Omniglot decodes its black-on-white PNGs by inverting
+    them before the LANCZOS resize (metaformer.data.images.decode_stroke_image) and scales the uint8 result by 1/255
+    (TensorClassSource.get_items); the glyph family renders strokes = 1 directly. Files are therefore read as dark
+    drawings on light paper and go through exactly that decoding, so a file of the training set gives the training
+    tensor bit for bit. Training-only augmentations (rotations and mirrors as new classes, affine warps) are not
+    applied: they make new training examples, not a different input format.
+    """
+
+    def __init__(self, source: str, image_size: int, num_channels: int = 1) -> None:
+        """``source`` one of IMAGE_SOURCES; ``image_size`` the square side; ``num_channels`` 1 (grayscale)."""
+        if source not in IMAGE_SOURCES:
+            raise ValueError(f"no image preprocessing for data.source={source!r}; image sources: {IMAGE_SOURCES}")
+        if num_channels != 1:
+            raise ValueError(f"data.source={source} images have 1 channel, got num_channels={num_channels}")
+        self.source, self.image_size, self.num_channels = source, int(image_size), int(num_channels)
+
+    @classmethod
+    def from_config(cls, cfg: Any, where: str = "the checkpoint") -> "ImagePreprocessing":
+        """The preprocessing of a training Config; a ValueError says why a regression or non-image model is refused."""
+        source = cfg.data.source
+        if source == "sinusoid":
+            raise ValueError(f"{where} is a regression model (data.source=sinusoid: it predicts y values from scalar "
+                             "x inputs, it has no classes); predict classifies images: pass a checkpoint of a model "
+                             f"trained on {' or '.join(IMAGE_SOURCES)} images")
+        if source not in IMAGE_SOURCES:
+            raise ValueError(f"{where} was trained on data.source={source!r}, which is not an image source "
+                             f"({', '.join(IMAGE_SOURCES)}), so predict does not know how its inputs were made; "
+                             "for text, use a FewShotModel folder written by scripts/finetune_encoder.py")
+        from training.registry import in_channels
+
+        return cls(source, cfg.data.image_size, in_channels(cfg))
+
+    def __repr__(self) -> str:
+        """The settings, e.g. ImagePreprocessing(source='omniglot', image_size=28, num_channels=1)."""
+        return f"ImagePreprocessing(source={self.source!r}, image_size={self.image_size}, num_channels={self.num_channels})"
+
+    def load(self, paths: Sequence[str | Path]) -> Tensor:
+        """Decode image files -> float32 [N, 1, S, S], strokes = 1 (a clear error names an unreadable file)."""
+        from metaformer.data.images import decode_stroke_image
+
+        if len(paths) == 0:
+            raise ValueError("no image files to read")
+        arrays = [decode_stroke_image(p, str(p), self.image_size) for p in paths]
+        # the same operation as TensorClassSource.get_items: multiplying by 1/255 rounds differently from / 255
+        return torch.from_numpy(np.stack(arrays)).mul(1.0 / 255.0)
+
+    def check_tensor(self, x: Tensor, what: str) -> None:
+        """A ValueError when an already-decoded image tensor [N, C, H, W] has another shape than training images."""
+        want = (self.num_channels, self.image_size, self.image_size)
+        if tuple(x.shape[1:]) != want:
+            raise ValueError(f"{what}: this model was trained on [N, {', '.join(map(str, want))}] images "
+                             f"({self.source}), got {tuple(x.shape)}; pass image files (they are decoded and resized "
+                             "here) or tensors of that shape with strokes = 1 on 0")
+
+
+class ImageInputs(nn.Module):
+    """The identity over image tensors: a trainer model's own backbone reads the pixels (the "encoder" slot)."""
+
+    modality = "image"
+
+    def __init__(self, preprocessing: ImagePreprocessing) -> None:
+        """Inputs of the shape ``preprocessing`` produces."""
+        super().__init__()
+        self.num_channels, self.image_size = preprocessing.num_channels, preprocessing.image_size
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x`` unchanged."""
+        return x
+
+
+class TrainedFewShotModel(nn.Module):
+    """A `metaformer train` checkpoint for FewShotPredictor: preprocessing, and the trained learner as the head.
+
+    The head works on image tensors (its backbone is inside it), so ``encoder`` is the identity and embedding a
+    set of items is only decoding its files. Build it with :meth:`from_checkpoint`.
+    """
+
+    def __init__(self, model: nn.Module, config: Any, preprocessing: ImagePreprocessing, path: Optional[Path] = None,
+                 step: Optional[int] = None) -> None:
+        """``model`` built from ``config`` (training.registry) with its weights; ``path`` / ``step`` for messages."""
+        super().__init__()
+        self.encoder = ImageInputs(preprocessing)
+        self.head = model
+        self.head_name = config.model.name
+        self.config = config
+        self.preprocessing = preprocessing
+        self.path, self.step = path, step
+        self._wider: dict[int, nn.Module] = {}
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, which: str = "latest") -> "TrainedFewShotModel":
+        """Load a run folder (its ``which`` checkpoint: latest or best), a step folder or an export, on the CPU in eval
+        mode; a ValueError (CheckpointError, ConfigError) names a damaged, regression or non-image checkpoint."""
+        from training import checkpoint as ckpt_io
+        from training.eval_cli import load_model
+
+        ckpt = ckpt_io.read_checkpoint(path, with_trainer_state=False, which=which)
+        # refused before the model is built: a regression or text model would otherwise fail later, less clearly
+        preprocessing = ImagePreprocessing.from_config(ckpt.config, where=f"checkpoint {ckpt.path}")
+        model, ckpt = load_model(ckpt.path)  # the step folder itself: `which` is already resolved
+        return cls(model.eval(), ckpt.config, preprocessing, ckpt.path, ckpt.step).eval()
+
+    @property
+    def modality(self) -> str:
+        """Always 'image'."""
+        return "image"
+
+    @property
+    def max_way(self) -> Optional[int]:
+        """Most classes one episode may have: the Meta-Transformer's max_way, a gradient head's outputs; None for
+        heads without per-way weights (ProtoNet, MatchingNet, the transfer baselines)."""
+        if isinstance(self.head, MetaTransformer):
+            return self.head.config.max_way
+        if not getattr(self.head, "fixed_ways", True):
+            return None
+        return int(self.head.n_out)
+
+    def read_image_files(self, paths: Sequence[str | Path]) -> Tensor:
+        """Image files -> [N, C, S, S] tensors exactly as the training data pipeline makes them."""
+        return self.preprocessing.load(paths)
+
+    def head_for(self, n_way: int) -> nn.Module:
+        """The head sized for ``n_way`` classes: itself, or for more ways than it was built for (heads without per-way
+        weights only) a shallow copy with that many outputs that shares every parameter."""
+        if n_way <= self.head.n_out:
+            return self.head
+        if self.max_way is not None:
+            raise ValueError(f"{n_way} ways but {self.head_name} has {self.head.n_out} class outputs")
+        if n_way not in self._wider:
+            import copy
+
+            # n_out only sizes the one-hot class tables of these heads (no parameter has a row per way), so a copy
+            # with a larger n_out computes the same prototypes / attention / per-task classifier for every class
+            wide = copy.copy(self.head)
+            wide.n_out = int(n_way)
+            self._wider[n_way] = wide
+        return self._wider[n_way]
+
+    def forward(self, batch: EpisodeBatch) -> tuple[Tensor, dict[str, float]]:  # type: ignore[override]
+        """The trained model's loss of an image EpisodeBatch."""
+        return self.head.loss(batch)
+
+
+def checkpoint_kind(path: str | Path) -> Optional[str]:
+    """'fewshot' (a FewShotModel folder), 'trainer' (a `metaformer train` run, step or export folder) or None."""
+    from training import checkpoint as ckpt_io
+
+    path = Path(path)
+    if not path.is_dir():
+        return None
+    if (path / MODEL_FILE).is_file():
+        return "fewshot"
+    if (path / ckpt_io.META_FILE).is_file() or ckpt_io.list_checkpoints(path):
+        return "trainer"
+    return None
+
+
+def load_predict_model(path: str | Path, which: str = "latest") -> "FewShotModel | TrainedFewShotModel":
+    """A FewShotModel folder (fewshot.json) or a `metaformer train` checkpoint (run folder: its ``which`` one), on the
+    CPU in eval mode."""
+    path = Path(path)
+    kind = checkpoint_kind(path)
+    if kind == "trainer":
+        return TrainedFewShotModel.from_checkpoint(path, which)
+    if kind is None and path.is_dir():
+        raise FileNotFoundError(
+            f"{path} is not a few-shot checkpoint: it has no {MODEL_FILE} (a FewShotModel folder) and no meta.json or "
+            "step-XXXXXXXX folders (a `metaformer train` checkpoint); pass the folder written by "
+            "FewShotModel.save_pretrained or scripts/finetune_encoder.py, or a `metaformer train` run folder, one of "
+            "its step folders or a `metaformer export` folder")
+    if which != "latest":
+        raise ValueError(f"which={which!r} chooses a checkpoint of a `metaformer train` run folder; {path} is a "
+                         "FewShotModel folder (one model): leave which at 'latest'")
+    return FewShotModel.from_pretrained(path, map_location="cpu")
+
+
 class FewShotPredictor:
     """scikit-learn style few-shot classifier over a saved FewShotModel: fit / predict / predict_proba."""
 
-    def __init__(self, model: FewShotModel, device: str | torch.device = "cpu", batch_size: int = 64,
+    def __init__(self, model: "FewShotModel | TrainedFewShotModel", device: str | torch.device = "cpu", batch_size: int = 64,
                  inner_steps: Optional[int] = None, on_too_many_ways: str = "chunk") -> None:
         """``inner_steps`` overrides MAML's test-time steps; ``on_too_many_ways``: "chunk" (tournament) or "error"."""
         if on_too_many_ways not in ("chunk", "error"):
@@ -228,8 +420,9 @@ class FewShotPredictor:
         self.batch_size = int(batch_size)
         self.on_too_many_ways = on_too_many_ways
         if inner_steps is not None:
-            if model.head_name != "maml":
-                raise ValueError(f"inner_steps applies to MAML heads only; this model's head is {model.head_name!r}")
+            if not hasattr(model.head, "eval_inner_steps"):
+                raise ValueError(f"inner_steps applies to MAML heads only (the gradient-based heads); this model's "
+                                 f"head is {model.head_name!r}")
             if inner_steps < 0:
                 raise ValueError(f"inner_steps must be >= 0, got {inner_steps}")
             model.head.eval_inner_steps = int(inner_steps)
@@ -238,9 +431,10 @@ class FewShotPredictor:
         self._adapted: dict[tuple[int, ...], Any] = {}
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu", **kw: Any) -> "FewShotPredictor":
-        """Load a checkpoint folder written by FewShotModel.save_pretrained (or scripts/finetune_encoder.py)."""
-        return cls(FewShotModel.from_pretrained(directory, map_location="cpu"), device=device, **kw)
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu", which: str = "latest",
+                        **kw: Any) -> "FewShotPredictor":
+        """Load a FewShotModel folder or a `metaformer train` run / step / export folder (see load_predict_model)."""
+        return cls(load_predict_model(directory, which), device=device, **kw)
 
     # ------------------------------------------------------------------ items
     @property
@@ -265,10 +459,11 @@ class FewShotPredictor:
         if is_text and self.modality == "image":
             raise ValueError(f"{what} are text, but this model's encoder reads images; pass image files or a tensor")
         if is_images and not isinstance(items, Tensor):
-            enc = self.model.encoder
-            items = load_image_files(items, enc.num_channels, enc.image_size)
+            items = self.model.read_image_files(items)
         if isinstance(items, Tensor) and items.dim() != 4:
             raise ValueError(f"{what}: image tensor must be [N, C, H, W], got {tuple(items.shape)}")
+        if isinstance(items, Tensor) and isinstance(self.model, TrainedFewShotModel):
+            self.model.preprocessing.check_tensor(items, what)
         return list(items) if is_text else items
 
     def embed(self, items: Any) -> Tensor:
@@ -371,6 +566,8 @@ class FewShotPredictor:
 
     def _adapt(self, s_x: Tensor, s_y: Tensor, n: int) -> Any:
         """Adapt ProtoNet / MAML to one support set -> callable query features [Q, D] -> logits [Q, >= n]."""
+        if isinstance(self.model, TrainedFewShotModel):
+            return self.model.head_for(n).adapt(s_x, s_y, n_way=n)
         head = self.model.head
         if self.model.head_name == "protonet":
             from metaformer.heads import ProtoNet

@@ -12,6 +12,10 @@ Queries (``--query``): a folder of files (images or ``.txt``), one image file, a
 example per non-empty line), or a ``.csv`` / ``.jsonl`` file like the support (labels are ignored; an
 ``id`` column/field names the rows, otherwise the line number does).
 
+Checkpoint (``--checkpoint``): a FewShotModel folder (``fewshot.json``, scripts/finetune_encoder.py), or a
+``metaformer train`` run folder (its latest checkpoint, or ``--which best``), step folder or export; see
+metaformer.inference.load_predict_model.
+
 Output: per query its id, the predicted class and the probability of every class; CSV (columns
 ``id, prediction, p:<class>...``) or JSON (a list of ``{"id", "prediction", "probabilities"}``), chosen
 by ``--format`` or the extension of ``--out`` (CSV on stdout without ``--out``).
@@ -213,27 +217,58 @@ def write_predictions(ids: Sequence[str], classes: Sequence[Any], probs: Any, fm
         Path(out).write_text(text, encoding="utf-8")
 
 
-def check_checkpoint_folder(path: str | Path, inner_steps: Optional[int] = None) -> None:
-    """Cheap checks of --checkpoint before any data is read: a few-shot checkpoint folder whose head fits --inner-steps."""
-    from metaformer.inference import MODEL_FILE
+def _trainer_model_name(path: Path, which: str) -> Optional[str]:
+    """model.name in the config of the checkpoint a `metaformer train` folder resolves to (None if unreadable)."""
+    import yaml
+
+    from training import checkpoint as ckpt_io
+
+    step = ckpt_io.resolve_checkpoint(path, which)  # a CheckpointError names a run without the asked checkpoint
+    try:
+        cfg = yaml.safe_load((step / ckpt_io.CONFIG_FILE).read_text(encoding="utf-8"))
+        return str(cfg["model"]["name"])
+    except (OSError, ValueError, TypeError, KeyError, yaml.YAMLError):
+        return None  # a damaged checkpoint: loading it reports that
+
+
+def check_checkpoint_folder(path: str | Path, inner_steps: Optional[int] = None, which: str = "latest") -> None:
+    """Cheap checks of --checkpoint before any data is read: a few-shot or `metaformer train` checkpoint folder whose
+    head fits --inner-steps and --which."""
+    from metaformer.inference import MODEL_FILE, checkpoint_kind
 
     path = Path(path)
     if not path.is_dir():
         raise InputError(f"checkpoint folder {path} does not exist; pass the folder written by "
-                         "FewShotModel.save_pretrained or scripts/finetune_encoder.py")
-    meta_file = path / MODEL_FILE
-    if not meta_file.is_file():
+                         "FewShotModel.save_pretrained or scripts/finetune_encoder.py, or a `metaformer train` run "
+                         "folder, step folder or export")
+    kind = checkpoint_kind(path)
+    if kind == "trainer":
+        name = _trainer_model_name(path, which)
+        if inner_steps is not None and name is not None:
+            from metaformer.heads import head_class
+            from metaformer.heads.gradient import GradientHead
+            from training.registry import HEADS
+
+            if name not in HEADS or not issubclass(head_class(name), GradientHead):
+                raise InputError(f"--inner-steps applies to MAML-family checkpoints only (gradient steps on the "
+                                 f"support set); {path} holds a {name!r} model: drop --inner-steps")
+        return
+    if kind is None:
         # scripts/finetune_encoder.py writes OUT/checkpoint: passing OUT is the usual slip
         below = [d for d in _visible(path) if d.is_dir() and (d / MODEL_FILE).is_file()]
         if below:
             hint = f"did you mean {below[0]}?" if len(below) == 1 else \
                 f"did you mean one of {', '.join(str(d) for d in below[:3])}{' ...' if len(below) > 3 else ''}?"
         else:
-            hint = "pass the folder written by FewShotModel.save_pretrained or scripts/finetune_encoder.py"
+            hint = ("pass the folder written by FewShotModel.save_pretrained or scripts/finetune_encoder.py, or a "
+                    "`metaformer train` run folder, one of its step-XXXXXXXX folders or a `metaformer export` folder")
         raise InputError(f"{path} is not a few-shot checkpoint (it has no {MODEL_FILE}); {hint}")
+    if which != "latest":
+        raise InputError(f"--which {which} chooses a checkpoint of a `metaformer train` run folder; {path} is a "
+                         "few-shot checkpoint folder (one model): drop --which")
     if inner_steps is not None:
         try:
-            head = json.loads(meta_file.read_text(encoding="utf-8")).get("head")
+            head = json.loads((path / MODEL_FILE).read_text(encoding="utf-8")).get("head")
         except (ValueError, AttributeError):
             return  # a damaged file: loading the checkpoint reports it
         if head != "maml":
@@ -243,7 +278,7 @@ def check_checkpoint_folder(path: str | Path, inner_steps: Optional[int] = None)
 
 def run_predict(args: Any) -> int:
     """The predict subcommand: load, fit on the support set, predict the queries, write the output."""
-    from metaformer.inference import FewShotModel, FewShotPredictor
+    from metaformer.inference import FewShotPredictor, load_predict_model
     from training.eval_cli import check_device
 
     # the options first, each with its own message, before any file is read or the model is loaded
@@ -252,15 +287,16 @@ def run_predict(args: Any) -> int:
         raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.inner_steps is not None and args.inner_steps < 0:
         raise InputError(f"--inner-steps must be >= 0, got {args.inner_steps}")
-    check_checkpoint_folder(args.checkpoint, args.inner_steps)
+    which = getattr(args, "which", "latest")
+    check_checkpoint_folder(args.checkpoint, args.inner_steps, which)
     fmt = args.format or ("json" if args.out and str(args.out).lower().endswith(".json") else "csv")
     s_items, s_labels, s_mod = read_support(args.support)
     q_ids, q_items, q_mod = read_queries(args.query)
     if s_mod != q_mod:
         raise InputError(f"the support set holds {s_mod} but the queries hold {q_mod}; use one modality")
     try:
-        model = FewShotModel.from_pretrained(args.checkpoint, map_location="cpu")
-    except (FileNotFoundError, ValueError) as exc:
+        model = load_predict_model(args.checkpoint, which)
+    except (FileNotFoundError, ValueError) as exc:  # CheckpointError and ConfigError are ValueErrors
         raise InputError(f"cannot load checkpoint {args.checkpoint}: {exc}") from None
     predictor = FewShotPredictor(model, device=device, batch_size=args.batch_size, inner_steps=args.inner_steps)
     if predictor.modality != q_mod:

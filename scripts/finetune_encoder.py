@@ -289,39 +289,55 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder holding text/clinc150 and text/ds_text_fsl (default: $METAFORMER_DATA_ROOT, else "
                         "../shared/data)")
     p.add_argument("--encoder", default="minilm", help=ENCODER_HELP)
-    p.add_argument("--mode", choices=("frozen", "last_n", "full", "lora"), default="frozen")
-    p.add_argument("--last-n", type=int, default=2)
-    p.add_argument("--lora-r", type=int, default=8)
-    p.add_argument("--pooling", choices=("mean", "cls"), default="mean")
-    p.add_argument("--max-length", type=int, default=64)
-    p.add_argument("--head", choices=("meta_transformer", "protonet", "maml"), default="meta_transformer")
-    p.add_argument("--head-option", action="extend", nargs="+", default=[], metavar="KEY=VALUE")
+    p.add_argument("--mode", choices=("frozen", "last_n", "full", "lora"), default="frozen",
+                   help="what of the encoder trains: nothing (features cached), its last --last-n layers, all of it, "
+                        "or LoRA adapters of rank --lora-r (default: %(default)s)")
+    p.add_argument("--last-n", type=int, default=2,
+                   help="encoder layers trained with --mode last_n (default: %(default)s)")
+    p.add_argument("--lora-r", type=int, default=8,
+                   help="LoRA rank with --mode lora (alpha is twice it) (default: %(default)s)")
+    p.add_argument("--pooling", choices=("mean", "cls"), default="mean",
+                   help="how token states become one vector (default: %(default)s)")
+    p.add_argument("--max-length", type=int, default=64, help="tokens kept per text (default: %(default)s)")
+    p.add_argument("--head", choices=("meta_transformer", "protonet", "maml"), default="meta_transformer",
+                   help="few-shot head on the encoder (default: %(default)s)")
+    p.add_argument("--head-option", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="head options, e.g. d_model=64 n_layers=2 (default: the head's own)")
     p.add_argument("--max-way", type=int, default=None,
                    help="most ways per episode the head handles (default: the most training ways); --n-way and "
                         "--train-ways must not exceed it. Ways never seen in training get untrained label embeddings, "
                         "so for tasks with more classes keep it and let the saved predictor (FewShotPredictor) split "
                         "them into chunks at prediction time")
-    p.add_argument("--steps", type=int, default=500, help="meta-training steps (0: evaluate the untrained head)")
-    p.add_argument("--tasks-per-step", type=int, default=4)
-    p.add_argument("--n-way", type=int, default=5, help="ways of the evaluation episodes")
-    p.add_argument("--train-ways", default=None, help="N or a range LOW-HIGH drawn per training episode (default --n-way)")
-    p.add_argument("--train-shots", default="1-5", help="K or a range LOW-HIGH drawn per training episode")
-    p.add_argument("--q-query", type=int, default=5)
-    p.add_argument("--lr-encoder", type=float, default=2e-5)
-    p.add_argument("--lr-head", type=float, default=3e-4)
-    p.add_argument("--eval-shots", type=int, nargs="+", default=[1, 5])
-    p.add_argument("--eval-episodes", type=int, default=600)
-    p.add_argument("--eval-query", type=int, default=10)
+    p.add_argument("--steps", type=int, default=500,
+                   help="meta-training steps (0: evaluate the untrained head) (default: %(default)s)")
+    p.add_argument("--tasks-per-step", type=int, default=4,
+                   help="episodes per meta-training step (default: %(default)s)")
+    p.add_argument("--n-way", type=int, default=5, help="ways of the evaluation episodes (default: %(default)s)")
+    p.add_argument("--train-ways", default=None,
+                   help="N or a range LOW-HIGH drawn per training episode (default: --n-way)")
+    p.add_argument("--train-shots", default="1-5",
+                   help="K or a range LOW-HIGH drawn per training episode (default: %(default)s)")
+    p.add_argument("--q-query", type=int, default=5,
+                   help="queries per class of a training episode (default: %(default)s)")
+    p.add_argument("--lr-encoder", type=float, default=2e-5, help="learning rate of the encoder (default: %(default)s)")
+    p.add_argument("--lr-head", type=float, default=3e-4, help="learning rate of the head (default: %(default)s)")
+    p.add_argument("--eval-shots", type=int, nargs="+", default=[1, 5],
+                   help="K of the evaluation episodes, one result each (default: 1 5)")
+    p.add_argument("--eval-episodes", type=int, default=600, help="evaluation episodes per K (default: %(default)s)")
+    p.add_argument("--eval-query", type=int, default=10,
+                   help="queries per class of an evaluation episode (default: %(default)s)")
     p.add_argument("--max-per-class", type=int, default=None,
-                   help="items kept per class (seeded subset) for caching/eval; must be at least the largest "
+                   help="items kept per class (seeded subset) for caching/eval (default: all); must be at least the largest "
                         "--eval-shots plus --eval-query (and, with --mode frozen, the largest --train-shots plus "
                         "--q-query)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial weights, the training episodes and the "
+                        "--max-per-class subsets (default: %(default)s)")
+    p.add_argument("--split-seed", type=int, default=0,
+                   help="seed of the class split and the evaluation episodes (default: %(default)s)")
     p.add_argument("--init-head", default=None, metavar="CHECKPOINT",
                    help="start the head from this checkpoint's head (e.g. one meta-trained on frozen features)")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", required=True)
+    p.add_argument("--threads", type=int, default=1, help="CPU threads of torch (default: %(default)s)")
+    p.add_argument("--out", required=True, help="output folder (OUT/checkpoint, OUT/results.json)")
     return p
 
 

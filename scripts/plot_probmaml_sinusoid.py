@@ -3,14 +3,19 @@
 
 Meta-trains a :class:`metaformer.heads.ProbabilisticMAML` (MLP 1-40-40-1, 1 inner step of lr 0.01, Adam 1e-3,
 meta-batch 25) for ``--iters`` meta-iterations (default 5000: about a minute on one CPU thread; use 30000+
-for a converged model), or loads a run of ``metaformer train`` with ``--run`` (e.g.
-``metaformer train --config training/configs/sinusoid.yaml --set model.name=probmaml``). Then adapts to 4
-test tasks (another seed) from their K support points with ``--samples`` sampled initialisations and
-plots, per task, the support points, the true function A sin(x - phase), the predictive mean and the
-±2 std band over a dense grid of x in [-5, 5].
+for a converged model), or loads a run of ``metaformer train`` with ``--run``, e.g. one with this script's
+settings (the sinusoid config's model.options are the Meta-Transformer's, so a head needs its own)::
+
+    metaformer train --config training/configs/sinusoid.yaml --set out_dir=runs/sinusoid_probmaml \\
+        model.name=probmaml \\
+        "model.options={inner_steps: 1, eval_inner_steps: 10, inner_lr: 0.01, init_logvar: -5.0, kl_weight: 0.0001}"
+
+Then adapts to 4 test tasks (another seed) from their K support points with ``--samples`` sampled
+initialisations and plots, per task, the support points, the true function A sin(x - phase), the predictive
+mean and the ±2 std band over a dense grid of x in [-5, 5].
 
 Usage: .venv/bin/python scripts/plot_probmaml_sinusoid.py [--iters 5000] [--shots 5] [--out runs/probmaml_sinusoid.png]
-       .venv/bin/python scripts/plot_probmaml_sinusoid.py --run runs/sinusoid [--which best]
+       .venv/bin/python scripts/plot_probmaml_sinusoid.py --run runs/sinusoid_probmaml [--which best]
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -207,3 +209,21 @@ def test_bench_episodes_and_inner_update_check_their_arguments(tmp_path: Path, c
     i = _script("bench_inner_update")
     monkeypatch.setattr(i.torch.cuda, "is_available", lambda: False)
     assert "no CUDA device" in _usage_error(i.main, ["--device", "cuda"], capsys)
+
+
+def test_curriculum_script_has_a_usage(tmp_path: Path) -> None:
+    # positional arguments only: --help, missing or bad ones get argparse's usage, never a traceback
+    script = REPO / "scripts" / "omniglot_mt_20way_curriculum.py"
+
+    def run(*argv: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True, cwd=tmp_path,
+                              env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+
+    shown = run("--help")
+    assert shown.returncode == 0 and "RUN_5WAY MINUTES OUT.json [EPISODES]" in shown.stdout, shown.stderr
+    for argv, says in (((), "the following arguments are required: RUN_5WAY, MINUTES, OUT.json"),
+                       (("run", "soon", "out.json"), "argument MINUTES: invalid float value: 'soon'"),
+                       (("run", "0", "out.json"), "MINUTES must be a positive number of minutes, got 0.0")):
+        refused = run(*argv)
+        assert refused.returncode == 2 and says in refused.stderr and "Traceback" not in refused.stderr, refused.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -5,6 +5,7 @@ where eval reports go without --out. Every refusal is one line on stderr, exit s
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 from pathlib import Path
@@ -17,6 +18,7 @@ from metaformer.cli import main
 from training.checkpoint import CheckpointError, list_checkpoints, resolve_checkpoint
 from training.config import ConfigError, load_config
 from training.evaluation import EvalResult, read_report, write_report
+from training.registry import way_limit
 from training.trainer import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -73,8 +75,8 @@ def _one_error_line(capsys: pytest.CaptureFixture, command: str) -> str:
 
 # ---------------------------------------------------------------- 1. checkpoints that do not fit the episodes
 @pytest.mark.parametrize("order,extra,match", [
-    (("a5", "b3"), [], r"b3/step-\d+ was trained for at most 3 ways, the evaluation .*asks for 5"),
-    (("b3", "a5"), ["--set", "data.n_way=5"], r"b3/step-\d+ was trained for at most 3 ways.*asks for 5"),
+    (("a5", "b3"), [], r"b3/step-\d+ \(meta_transformer\) has 3 class outputs, the evaluation .*asks for 5 ways"),
+    (("b3", "a5"), ["--set", "data.n_way=5"], r"b3/step-\d+ \(meta_transformer\) has 3 class outputs.*asks for 5"),
     (("sin", "b3"), [], r"b3/step-\d+ is a classification model .* episodes .* are regression"),
     (("b3", "sin"), [], r"sin/step-\d+ is a regression model .* episodes .* are classification"),
 ])
@@ -97,6 +99,37 @@ def test_eval_of_fitting_checkpoints_still_runs(runs: dict[str, Path], tmp_path:
     assert no_evaluation == ["tiny", "tiny (a5)"]
     _, results = read_report(out)
     assert [len(r.per_episode) for r in results] == [20, 20]
+
+
+def test_way_limit_only_for_heads_with_per_way_outputs() -> None:
+    # metric heads and the transfer baselines keep no per-way weights: any number of ways; the others are sized
+    cfg = load_config(TINY, ["data.n_way=5", "model.options={}"])
+    for name in ("protonet", "matchingnet", "baseline", "baselinepp"):
+        cfg.model.name = name
+        assert way_limit(cfg) is None, name
+    for name in ("maml", "fomaml", "anil", "metasgd", "reptile", "lstm", "probmaml"):
+        cfg.model.name = name
+        assert way_limit(cfg) == 5, name
+    assert way_limit(load_config(TINY, ["data.n_way=5"])) == 5
+    assert way_limit(load_config(TINY, ["data.n_way=5", "model.options.max_way=20"])) == 20
+    assert way_limit(load_config(SINUSOID)) is None
+
+
+def test_eval_of_a_metric_head_on_more_ways_than_trained(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                         no_evaluation: list) -> None:
+    # ProtoNet trained 5-way evaluates 20-way 5-shot; MAML's 5-way classifier is refused before any evaluation
+    for name in ("protonet", "maml"):
+        train(load_config(TINY, [f"out_dir={tmp_path / name}", f"model.name={name}", "model.options={}",
+                                 "data.n_way=5", *QUICK]))
+    more = ["--set", "data.n_way=20", "data.k_shot=5", "--episodes", "4", "--no-progress"]
+    assert main(["eval", "--checkpoint", str(tmp_path / "protonet"), *more, "--out", str(tmp_path / "ev")]) == 0
+    capsys.readouterr()
+    header, (result,) = read_report(tmp_path / "ev")
+    assert header["n_way"] == 20 and len(result.per_episode) == 4 and math.isfinite(result.mean)
+    assert main(["eval", "--checkpoint", str(tmp_path / "maml"), *more, "--out", str(tmp_path / "ev_maml")]) == 2
+    assert re.search(r"maml/step-\d+ \(maml\) has 5 class outputs, .*asks for 20 ways; evaluate with data.n_way <= 5",
+                     _one_error_line(capsys, "eval"))
+    assert no_evaluation == ["tiny"]
 
 
 # ---------------------------------------------------------------- 2. --device

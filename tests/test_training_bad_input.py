@@ -194,6 +194,29 @@ def test_a_second_trainer_on_the_same_run_folder_is_refused(tmp_path: Path) -> N
     assert train(load_config(TINY, [f"out_dir={run}", "train.steps=2"])).step == 2
 
 
+@pytest.mark.parametrize("resume", [True, False])
+def test_a_held_run_folder_is_refused_before_its_checkpoints_are_read(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                                       resume: bool) -> None:
+    # the refusal is all the user sees: no "--resume: no checkpoint ..., starting from step 0" (nor "pass --resume"
+    # for a held folder with checkpoints) before it
+    run = tmp_path / "run"
+    if not resume:
+        train(load_config(TINY, [f"out_dir={run}", "train.steps=2"]))
+    capsys.readouterr()
+    lock = RunLock(run)
+    lock.acquire()
+    try:
+        args = ["train", *(["--resume"] if resume else []), "--config", str(TINY), "--set", f"out_dir={run}",
+                "train.steps=2"]
+        assert main(args) == 2
+    finally:
+        lock.release()
+    out, err = capsys.readouterr()
+    assert out == "" and err.strip().splitlines() == [
+        f"metaformer train: error: {run} is being trained by pid {os.getpid()}; wait for it or stop it (a second "
+        "trainer would delete its checkpoints in progress), or train into another out_dir"]
+
+
 def test_resume_repairs_a_best_json_left_stale_by_a_kill(tmp_path: Path) -> None:
     run = tmp_path / "run"
     cfg = load_config(SINUSOID, [f"out_dir={run}", "train.steps=6", "train.val_every=2", "train.val_episodes=8",

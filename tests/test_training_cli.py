@@ -88,3 +88,16 @@ def test_demo_quick(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     for png in ("demo_accuracy.png", "demo_episode.png"):
         blob = (out / png).read_bytes()
         assert blob[:8] == b"\x89PNG\r\n\x1a\n" and len(blob) > 5000
+
+
+def test_demo_time_cap_names_no_resume(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # every method stops at its time share: the trainer's note must not send the user to a --resume the demo lacks
+    code = main(["demo", "--quick", "--budget-seconds", "0.03", "--episodes", "4", "--out", str(tmp_path / "demo"),
+                 "--no-progress", "--set", "data.image_size=16", "model.backbone_options={hidden: 8}",
+                 "train.num_threads=1", "eval.batch_tasks=4"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    notes = [line for line in printed.splitlines() if line.startswith("train.max_minutes=")]
+    assert len(notes) == 3, printed
+    assert all("--resume" not in n and n.endswith("a larger metaformer demo --budget-seconds trains longer")
+               for n in notes), notes

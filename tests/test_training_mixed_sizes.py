@@ -54,7 +54,7 @@ def test_a_mixed_size_run_trains_and_evaluates_at_fewer_ways(tmp_path: Path, mod
     assert bool((pred[batch.query_mask] < 2).all())
     hand = ((pred == batch.query_y) & batch.query_mask).sum(1).double() / batch.query_mask.sum(1).double()
     assert r.per_episode == pytest.approx(hand.tolist(), abs=1e-12)
-    with pytest.raises(CheckpointError, match=r"at most 5 ways.*asks for 7"):
+    with pytest.raises(CheckpointError, match=r"has 5 class outputs.*asks for 7 ways"):
         evaluate_checkpoints([tmp_path], load_config(TINY, [*opts, "data.n_way=7", "eval.episodes=6"]), progress=False)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+import re
 import warnings
 from pathlib import Path
 
@@ -58,6 +60,22 @@ def test_rename_maps_prefixes_and_no_match_is_an_error(sources: dict[str, Path],
                              "train.init_rename={'net.': ''}"])
     got, src = Trainer(cfg).model.state_dict(), _state(sources["maml"])
     assert all(torch.equal(v, src["net." + k]) for k, v in got.items())
+
+
+def test_no_match_suggests_the_rename_of_the_tensors_it_names(sources: dict[str, Path], tmp_path: Path) -> None:
+    # a MAML checkpoint holds its backbone as net.* and as adapted_module.*: the example and the rename agree
+    with pytest.raises(CheckpointError) as exc:
+        Trainer(load_config(TINY, [f"out_dir={tmp_path / 'a'}", *PROTONET, f"train.init_from={sources['maml']}"]))
+    msg = str(exc.value)
+    named = re.search(r"source has e\.g\. '([^']+)', the model e\.g\. '([^']+)'\); .*train\.init_rename=(\{.*?\})", msg)
+    assert named, msg
+    src_name, model_name, rename = named.group(1), named.group(2), ast.literal_eval(named.group(3))
+    ((old, new),) = rename.items()
+    assert src_name.startswith(old) and new + src_name[len(old):] == model_name, msg
+    assert rename == {"net.": ""} and "matches 28 of the model's 28 tensors" in msg
+    # the other way round, a prefix to add: ProtoNet's backbone into MAML's net.
+    with pytest.raises(CheckpointError, match=r"train\.init_rename=\{'': 'net\.'\}"):
+        Trainer(load_config(TINY, [f"out_dir={tmp_path / 'b'}", *MAML, f"train.init_from={sources['protonet']}"]))
 
 
 def test_curriculum_grows_label_rows(sources: dict[str, Path], tmp_path: Path) -> None:

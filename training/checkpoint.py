@@ -269,6 +269,15 @@ class RunLock:
         f.flush()
         self._file = f
 
+    def check(self) -> None:
+        """Raise CheckpointError (as acquire) when another process holds the lock; it is not kept.
+
+        A folder that does not exist is free, and is not created."""
+        if not self.path.parent.is_dir():
+            return
+        self.acquire()
+        self.release()
+
     def release(self) -> None:
         """Give the lock back (closing the file releases the flock)."""
         if self._file is not None:

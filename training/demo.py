@@ -62,7 +62,8 @@ def run_demo(out_dir: str | Path = "runs/demo", budget_seconds: float = 120.0, q
 
             shutil.rmtree(runs)  # the demo always starts fresh; its outputs are throwaway
         print(f"[demo] training {label} ({name}) for up to {share_min * 60:.0f} s", flush=True)
-        result = train(cfg)
+        # the demo has no --resume (it restarts every run): a larger budget is how it trains longer
+        result = train(cfg, time_cap_hint="a larger metaformer demo --budget-seconds trains longer")
         print(f"[demo] {label}: {result.step} steps in {result.seconds:.1f} s ({result.episodes_per_s:.1f} episodes/s)",
               flush=True)
         model = _trained_model(cfg)

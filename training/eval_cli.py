@@ -14,7 +14,7 @@ import torch
 from training import checkpoint as ckpt_io
 from training.config import Config, ConfigError, load_config, max_ways
 from training.evaluation import EvalResult, combine_reports, evaluate, report_markdown, write_report
-from training.registry import build_episodes, build_model, is_regression
+from training.registry import build_episodes, build_model, is_regression, way_limit
 
 
 def check_device(name: str | torch.device, option: str = "--device") -> torch.device:
@@ -54,13 +54,17 @@ def check_fits(ckpt: ckpt_io.Checkpoint, episodes_cfg: Config, episodes_from: st
             "evaluate it separately, or together with checkpoints of the same task")
     if is_regression(episodes_cfg):
         return
-    trained, asked = max_ways(trained_on), episodes_cfg.data.n_way
-    if asked > trained:
+    trained, asked = way_limit(ckpt.config), episodes_cfg.data.n_way
+    if trained is not None and asked > trained:
+        if ckpt.config.model.name == "meta_transformer":
+            grow = (f"or grow the model with train.init_from into a run with data.n_way={asked} (its learned label "
+                    "rows are kept) and train it there")
+        else:
+            grow = (f"or train a run with data.n_way={asked} (train.init_from can start it from this run; its "
+                    f"{trained}-way classifier tensors do not fit, rename them away with train.init_rename)")
         raise ckpt_io.CheckpointError(
-            f"checkpoint {ckpt.path} was trained for at most {trained} ways, the evaluation{src} asks for "
-            f"{asked}; evaluate with data.n_way <= {trained} (--set data.n_way={trained}), or grow the model with "
-            f"train.init_from into a run with data.n_way={asked} (the Meta-Transformer's learned label rows are kept) "
-            "and train it there")
+            f"checkpoint {ckpt.path} ({ckpt.config.model.name}) has {trained} class outputs, the evaluation{src} asks "
+            f"for {asked} ways; evaluate with data.n_way <= {trained} (--set data.n_way={trained}), {grow}")
     if trained_on.image_size != episodes_cfg.data.image_size:
         # a size mismatch usually still runs, on inputs unlike the training ones: said, not refused
         print(f"metaformer eval: note: checkpoint {ckpt.path} was trained on {trained_on.image_size}x"
@@ -68,14 +72,17 @@ def check_fits(ckpt: ckpt_io.Checkpoint, episodes_cfg: Config, episodes_from: st
               f"{episodes_cfg.data.image_size}", file=sys.stderr)
 
 
-def _build(ckpt: ckpt_io.Checkpoint, cfg: Optional[Config]) -> torch.nn.Module:
-    """The model of a checkpoint (architecture from `cfg` when given, else its own config) with its weights."""
-    build_cfg = ckpt.config
-    if cfg is not None:
-        build_cfg = copy.deepcopy(cfg)
+def _build(ckpt: ckpt_io.Checkpoint, cfg: Optional[Config], episodes_cfg: Optional[Config] = None) -> torch.nn.Module:
+    """The model of a checkpoint (architecture from `cfg` when given, else its own config) with its weights, sized
+    for the episodes of `episodes_cfg` (default `cfg`) when its weights fit any number of ways."""
+    build_cfg = copy.deepcopy(ckpt.config if cfg is None else cfg)
+    if cfg is not None and cfg.data.source != "sinusoid":
         # Fewer ways than the model was built for is fine (extra classes are masked per task): keep its size.
-        if cfg.data.source != "sinusoid":
-            build_cfg.data.n_way, build_cfg.data.train_ways = ckpt.config.data.n_way, ckpt.config.data.train_ways
+        build_cfg.data.n_way, build_cfg.data.train_ways = ckpt.config.data.n_way, ckpt.config.data.train_ways
+    episodes_cfg = cfg if episodes_cfg is None else episodes_cfg
+    if (episodes_cfg is not None and not is_regression(build_cfg) and way_limit(build_cfg) is None
+            and episodes_cfg.data.n_way > max_ways(build_cfg.data)):
+        build_cfg.data.n_way = episodes_cfg.data.n_way  # no per-way weights: the same ones load at the larger size
     model = build_model(build_cfg)
     ckpt_io.load_weights_into(model, ckpt, build_cfg.model.name)
     return model.eval()
@@ -130,7 +137,7 @@ def evaluate_checkpoints(
         if episodes_cfg is None:
             episodes_cfg, episodes_from = ckpt.config, f"the config of the first checkpoint, {ckpt.path}"
         check_fits(ckpt, episodes_cfg, episodes_from)
-        _build(ckpt, build_from)
+        _build(ckpt, build_from, episodes_cfg)
         ckpt.model_state = {}
         ckpts.append(ckpt)
     episodes = build_episodes(episodes_cfg, episodes_cfg.eval.split, data_root)
@@ -143,7 +150,7 @@ def evaluate_checkpoints(
     results: list[EvalResult] = []
     for ckpt in ckpts:
         # read again (the weights were dropped above): one model in memory at a time
-        model = _build(ckpt_io.read_checkpoint(ckpt.path, with_trainer_state=False), build_from).to(dev)
+        model = _build(ckpt_io.read_checkpoint(ckpt.path, with_trainer_state=False), build_from, episodes_cfg).to(dev)
         name = ckpt.config.name
         if name in [r.name for r in results]:
             name = f"{name} ({ckpt.path.parent.name})"  # same config name: tell the runs apart by folder

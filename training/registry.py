@@ -34,6 +34,21 @@ def is_regression(cfg: Config) -> bool:
     return cfg.data.source == "sinusoid"
 
 
+def way_limit(cfg: Config) -> Optional[int]:
+    """The most ways a model of `cfg` classifies with its trained weights; None: any number (regression, or a head
+    without per-way parameters, which is rebuilt for the episodes' ways)."""
+    if is_regression(cfg):
+        return None
+    options = cfg.model.options
+    if cfg.model.name == "meta_transformer":
+        return int(options.get("max_way", max_ways(cfg.data)))  # the options override what build_model derives
+    if cfg.model.name in HEADS:
+        heads = _import("metaformer.heads.registry", f"model.name={cfg.model.name}")
+        if not heads.head_class(cfg.model.name).fixed_ways:
+            return None
+    return int(options.get("n_out", options.get("n_way", max_ways(cfg.data))))
+
+
 def split_seed(cfg: Config, split: str) -> int:
     """Episode seed of a split: training episodes follow the run seed, evaluation splits the eval seed."""
     if split == cfg.data.train_split:

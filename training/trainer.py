@@ -143,12 +143,20 @@ def check_resume_config(saved: Config, cfg: Config, path: Path) -> None:
         )
 
 
+# How `metaformer train` continues a run that train.max_minutes stopped; callers without --resume pass their own.
+RESUME_HINT = "the same command plus --resume continues"
+
+
 class Trainer:
     """Meta-trains the configured learner; `run()` trains to cfg.train.steps (or the time cap)."""
 
-    def __init__(self, cfg: Config, resume: bool = False, data_root: Optional[str] = None) -> None:
-        """Set up the process group, device, model, optimiser, schedule, scaler and (on resume) their state."""
+    def __init__(self, cfg: Config, resume: bool = False, data_root: Optional[str] = None,
+                 time_cap_hint: Optional[str] = RESUME_HINT) -> None:
+        """Set up the process group, device, model, optimiser, schedule, scaler and (on resume) their state.
+
+        `time_cap_hint` ends the message of a run stopped by train.max_minutes (how to continue; None: no hint)."""
         self.cfg, self.resume, self.data_root = cfg, resume, data_root
+        self.time_cap_hint = time_cap_hint
         t = cfg.train
         device_type = "cuda" if (t.device.startswith("cuda") or (t.device == "auto" and torch.cuda.is_available())) else "cpu"
         self.info = init_from_env(device_type)
@@ -175,6 +183,9 @@ class Trainer:
                 f"{self.run_dir} is a checkpoint (it holds {ckpt_io.META_FILE}), not a run folder; train into another "
                 f"out_dir/name, and to start from its weights set train.init_from={self.run_dir}"
             )
+        # before the run folder's checkpoints are read (and reported on): a folder another trainer holds is refused
+        # first; run() takes the lock for the whole training
+        self._check_unlocked()
         seed_everything(cfg.seed)
         self.model = build_model(cfg).to(self.device)
         if self.info.rank:
@@ -242,6 +253,18 @@ class Trainer:
                                               bar=self.info.is_main and self.cfg.train.progress)
         self.step_model = self.model.feature_view()
         self.wrapped = LossModule(self.step_model)
+
+    def _check_unlocked(self) -> None:
+        """Raise CheckpointError on every rank when another process holds the run folder's lock."""
+        refused: Optional[ckpt_io.CheckpointError] = None
+        if self.info.is_main:
+            try:
+                ckpt_io.RunLock(self.run_dir).check()
+            except ckpt_io.CheckpointError as exc:
+                refused = exc
+        # every rank stops when rank 0 found the folder taken (the others would wait in a collective)
+        if any_rank(refused is not None, self.info, self.device):
+            raise refused or ckpt_io.CheckpointError(f"{self.run_dir} is being trained by another process")
 
     # ------------------------------------------------------------------ checkpoints
     def _load_latest(self) -> bool:
@@ -459,8 +482,9 @@ class Trainer:
                 logger.close()
         seconds = time.perf_counter() - t_start
         if main and time_capped:
+            hint = f"; {self.time_cap_hint}" if self.time_cap_hint else ""
             print(f"train.max_minutes={t.max_minutes} reached at step {self.step} of train.steps={t.steps} (checkpoint "
-                  f"{last_ckpt}); the same command plus --resume continues", flush=True)
+                  f"{last_ckpt}){hint}", flush=True)
         result = TrainResult(
             run_dir=self.run_dir, step=self.step, metrics=metrics, seconds=seconds,
             episodes_per_s=steps_done * t.meta_batch / max(seconds, 1e-9), checkpoint=last_ckpt,
@@ -610,6 +634,7 @@ class Trainer:
         return {"loss": float("nan")}, True
 
 
-def train(cfg: Config, resume: bool = False, data_root: Optional[str] = None) -> TrainResult:
-    """Build a Trainer for cfg and run it."""
-    return Trainer(cfg, resume=resume, data_root=data_root).run()
+def train(cfg: Config, resume: bool = False, data_root: Optional[str] = None,
+          time_cap_hint: Optional[str] = RESUME_HINT) -> TrainResult:
+    """Build a Trainer for cfg and run it (`time_cap_hint`: see Trainer)."""
+    return Trainer(cfg, resume=resume, data_root=data_root, time_cap_hint=time_cap_hint).run()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
+from typing import Iterable, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -61,6 +61,40 @@ def _grow_rows(target: Tensor, source: Tensor) -> Tensor:
     return out
 
 
+def _dotted_splits(name: str) -> Iterable[tuple[str, str]]:
+    """(prefix, rest) at every dot boundary of a tensor name, from ("", name) on."""
+    yield "", name
+    for i, ch in enumerate(name):
+        if ch == ".":
+            yield name[: i + 1], name[i + 1:]
+
+
+def suggest_rename(source: Iterable[str], target: Iterable[str]) -> Optional[tuple[dict[str, str], str, str, int]]:
+    """The one prefix rename that maps the most source tensor names onto model names: (train.init_rename, a source
+    name it maps, the model name it becomes, how many model names it reaches), or None when no rename maps any."""
+    by_rest: dict[str, set[str]] = {}
+    for name in target:
+        for prefix, rest in _dotted_splits(name):
+            by_rest.setdefault(rest, set()).add(prefix)
+    reached: dict[tuple[str, str], set[str]] = {}
+    example: dict[tuple[str, str], tuple[str, str]] = {}
+    for name in source:
+        for old, rest in _dotted_splits(name):
+            for new in by_rest.get(rest, ()):
+                if old == new:
+                    continue
+                key = (old, new)
+                reached.setdefault(key, set()).add(new + rest)
+                if key not in example or (name.endswith("weight") and not example[key][0].endswith("weight")):
+                    example[key] = (name, new + rest)  # a weight says more than a BatchNorm step counter
+    if not reached:
+        return None
+    # most names reached; on a tie the shorter prefixes (a MAML checkpoint holds its backbone as net.* and as
+    # adapted_module.*: either maps, and net. is the shorter)
+    best = min(reached, key=lambda k: (-len(reached[k]), len(k[0]) + len(k[1]), k))
+    return {best[0]: best[1]}, example[best][0], example[best][1], len(reached[best])
+
+
 def warm_start(model: nn.Module, source: Union[str, Path], rename: dict[str, str] | None = None) -> WarmStartReport:
     """Copy matching weights of a `metaformer train` checkpoint (run folder or step folder) into `model`."""
     rename = dict(rename or {})
@@ -99,10 +133,19 @@ def warm_start(model: nn.Module, source: Union[str, Path], rename: dict[str, str
             "settings (model.options, backbone) to match, or rename the tensors away with train.init_rename"
         )
     if not report.copied and not report.partial:
-        example = next(iter(ckpt.model_state), "<none>")
+        applied = f" with train.init_rename={rename}" if rename else ""
+        # from the checkpoint's own names: the suggestion replaces a rename that matched nothing
+        suggestion = suggest_rename(ckpt.model_state, target)
+        if suggestion is None:
+            raise CheckpointError(
+                f"train.init_from={source}: no tensor name matches the model{applied}, nor does any prefix rename "
+                f"(source has e.g. {next(iter(ckpt.model_state), '<none>')!r}, the model e.g. "
+                f"{next(iter(target), '<none>')!r}); start from a run of a model that shares tensors with this one")
+        fix, src_name, model_name, count = suggestion
         raise CheckpointError(
-            f"train.init_from={source}: no tensor name matches the model (source has e.g. {example!r}, the model e.g. "
-            f"{next(iter(target), '<none>')!r}); map the prefixes with train.init_rename, e.g. {{'net.': ''}}"
+            f"train.init_from={source}: no tensor name matches the model{applied} (source has e.g. {src_name!r}, the "
+            f"model e.g. {model_name!r}); map the prefixes with train.init_rename={fix}"
+            f"{' instead' if rename else ''}, which matches {count} of the model's {len(target)} tensors"
         )
     with torch.no_grad():
         for name, value in new_state.items():

@@ -14,7 +14,7 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "matching": ["MatchingNet"],
     "probabilistic": ["ProbabilisticMAML", "ProbabilisticPredictor"],
     "protonet": ["ProtoNet"],
-    "registry": ["HEADS", "build_head"],
+    "registry": ["HEADS", "build_head", "head_class"],
     "reptile": ["Reptile"],
     "transfer": ["BaselinePlusPlus", "TransferBaseline"],
 })
@@ -28,6 +28,6 @@ if TYPE_CHECKING:  # static tools see the real names
     from .matching import MatchingNet
     from .probabilistic import ProbabilisticMAML, ProbabilisticPredictor
     from .protonet import ProtoNet
-    from .registry import HEADS, build_head
+    from .registry import HEADS, build_head, head_class
     from .reptile import Reptile
     from .transfer import BaselinePlusPlus, TransferBaseline

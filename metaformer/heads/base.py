@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from abc import ABC, abstractmethod
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, ClassVar, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -62,6 +62,11 @@ def set_size_of(x: Inputs) -> int:
 
 class FewShotHead(nn.Module, ABC):
     """Base class of all heads: one interface for gradient-based, metric and learned-optimizer heads."""
+
+    # True when a parameter has one row per way (a classifier layer sized n_out): trained weights then limit the
+    # ways. Heads without such a parameter (metric heads, the transfer baselines, which fit a new classifier per
+    # task) set it False: the same weights load into the head built with any n_way.
+    fixed_ways: ClassVar[bool] = True
 
     def __init__(self, kind: str, n_out: int) -> None:
         """``kind`` is "classification" or "regression"; ``n_out`` the number of ways (max) or regression outputs."""

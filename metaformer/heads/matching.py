@@ -49,6 +49,8 @@ class MatchingPredictor(BatchPredictor):
 class MatchingNet(FewShotHead):
     """Matching Networks head; ``fce=True`` adds the full context embeddings."""
 
+    fixed_ways = False  # no parameter has one row per way: any n_way loads the same weights
+
     def __init__(self, backbone: nn.Module, n_way: int = 5, *, fce: bool = False, fce_steps: int = 5,
                  scale: float = 1.0) -> None:
         """``scale`` multiplies the cosine similarities (1.0 as in the paper); ``fce_steps`` read steps."""

@@ -48,6 +48,8 @@ class ProtoPredictor(BatchPredictor):
 class ProtoNet(FewShotHead):
     """Prototypical Networks head over any backbone with ``out_dim``."""
 
+    fixed_ways = False  # no parameter has one row per way: any n_way loads the same weights
+
     def __init__(self, backbone: nn.Module, n_way: int = 5) -> None:
         """``n_way`` is the largest number of ways a task may have."""
         super().__init__("classification", n_way)

@@ -121,6 +121,12 @@ def _key(name: str) -> str:
     return key
 
 
+def head_class(name: str) -> type[FewShotHead]:
+    """The class a head name (or alias) builds, e.g. MAML for "fomaml"; ValueError for an unknown name."""
+    key = _key(name)
+    return _OPTIONS_OF.get(HEADS[key], HEADS[key])
+
+
 def build_head(name: str, backbone: nn.Module, **kw: Any) -> FewShotHead:
     """Build a head by name ("maml", "fomaml", "anil", "metasgd", "reptile", "lstm", "protonet", "matchingnet",
     "probmaml" (aliases "probabilistic_maml", "platipus"), "baseline", "baselinepp" (transfer baselines of

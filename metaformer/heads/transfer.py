@@ -150,6 +150,8 @@ class TransferPredictor(BatchPredictor):
 class TransferBaseline(FewShotHead):
     """Baseline / Baseline++ (Chen et al. 2019): supervised pre-training, then a new classifier per test task."""
 
+    fixed_ways = False  # no parameter has one row per way: any n_way loads the same weights
+
     def __init__(
         self,
         backbone: nn.Module,

@@ -219,6 +219,8 @@ class MetaTransformer(nn.Module):
     query items of the batch); call ``eval()`` for the exact order- and query-independence guarantees.
     """
 
+    fixed_ways: ClassVar[bool] = True  # one label row per way, up to config.max_way (as FewShotHead.fixed_ways)
+
     def __init__(self, config: MetaTransformerConfig, backbone: nn.Module | None = None) -> None:
         """Build the model; ``backbone`` overrides the one named in ``config`` (e.g. a text encoder)."""
         super().__init__()
