@@ -426,3 +426,13 @@ def test_resnet12_config_round_trip(tmp_path: Path) -> None:
     batch = EpisodeBatch.collate(glyph_episodes(3, 1, q_query=1, count=2))
     with torch.no_grad():
         assert torch.equal(model(batch), loaded(batch))
+
+
+def test_a_task_without_support_is_named() -> None:
+    """A task whose support positions are all padding is refused by loss and forward, naming the task."""
+    batch = EpisodeSampler(GlyphFamily(seed=0), n_way=2, k_shot=1, q_query=1, seed=0).batch(0, 3)
+    batch.support_mask[2] = False
+    model = MetaTransformer(MetaTransformerConfig(backbone="conv4", d_model=32, n_layers=1, max_way=5))
+    for call in (model.loss, model):
+        with pytest.raises(ValueError, match="task 2 has no real support examples"):
+            call(batch)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metaformer.data.episodes import EpisodeBatch
-from metaformer.heads.losses import check_targets
+from metaformer.heads.losses import check_has_examples, check_targets
 from metaformer.models.backbones import backbone_out_dim, build_backbone
 
 __all__ = ["MetaTransformerConfig", "MetaTransformer", "simplex_code", "CONFIG_NAME", "WEIGHTS_NAME"]
@@ -324,8 +324,7 @@ class MetaTransformer(nn.Module):
                 f"this MetaTransformer is configured for task={self.config.task!r} but got a {kind} batch; "
                 f"build the model with MetaTransformerConfig(task={kind!r})"
             )
-        if not bool(batch.support_mask.any(dim=1).all()):
-            raise ValueError("every task needs at least one support example; found a task with an empty support set")
+        check_has_examples(batch.support_mask, "support")
         if regression:
             if batch.support_y.dim() != 3 or batch.support_y.shape[-1] != self.config.d_out:
                 raise ValueError(
