@@ -1449,7 +1449,7 @@ def device_problem(device: str) -> Optional[str]:
 
 def data_problem(specs: Sequence[CellSpec]) -> Optional[str]:
     """Why the cells that read Omniglot cannot find it (no data folder, or no background zip), or None."""
-    from metaformer.data.omniglot import default_cache_dir, find_omniglot_dir
+    from metaformer.data.omniglot import find_omniglot_dir, zip_candidates
 
     for spec in specs:
         cfg = config_from_dict(spec.config)
@@ -1463,11 +1463,11 @@ def data_problem(specs: Sequence[CellSpec]) -> Optional[str]:
             return f"the {key} cells need the Omniglot data folder and none was found: {fix}"
         if not root.is_dir():
             return f"data root {root} (needed by the {key} cells) is not a folder: {fix}"
-        # the loader also takes a zip from its download cache (metaformer.data.omniglot's _locate_zip)
         sets = ["background"] + (["evaluation"] if cfg.data.options.get("split_scheme", "vinyals") == "vinyals" else [])
-        for name in (f"images_{x}.zip" for x in sets):
-            if not any(p.is_file() for p in (find_omniglot_dir(root) / name, default_cache_dir() / "downloads" / name)):
-                return f"data root {root} (needed by the {key} cells) has no omniglot/{name}: {fix}"
+        for image_set in sets:
+            # the places the loader itself looks (the data folder, then its download cache)
+            if not any(p.is_file() for p in zip_candidates(image_set, find_omniglot_dir(root))):
+                return f"data root {root} (needed by the {key} cells) has no omniglot/images_{image_set}.zip: {fix}"
     return None
 
 

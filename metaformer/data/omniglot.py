@@ -24,7 +24,7 @@ import warnings
 import zipfile
 import zlib
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -103,10 +103,16 @@ def _download(name: str, target_dir: Path, url_template: str) -> Path:
         ) from None
 
 
+def zip_candidates(image_set: str, omniglot_dir: Path, cache_dir: Optional[Path] = None) -> tuple[Path, Path]:
+    """Where the loader looks for ``image_set``'s zip, in order: the data dir, then the download cache."""
+    name = _zip_name(image_set)
+    return omniglot_dir / name, (default_cache_dir() if cache_dir is None else cache_dir) / "downloads" / name
+
+
 def _locate_zip(image_set: str, omniglot_dir: Path, download: bool, cache_dir: Path, url: str) -> Path:
     """Path of the zip for ``image_set``: in the data dir, in the cache, or freshly downloaded."""
     name = _zip_name(image_set)
-    for candidate in (omniglot_dir / name, cache_dir / "downloads" / name):
+    for candidate in zip_candidates(image_set, omniglot_dir, cache_dir):
         if candidate.is_file():
             return candidate
     if not download:
