@@ -456,3 +456,13 @@ def test_killed_runner_leaves_no_trainer_behind(tmp_path: Path) -> None:
         assert recipes._die_with_parent() is None
     finally:
         sys.platform = original
+
+
+def test_a_relative_saved_warm_start_is_read_from_the_repository_root(tmp_path: Path, monkeypatch) -> None:
+    """A run's relative train.init_from (written by a trainer that ran from the repository root) is the same folder
+    as the recipe's absolute source, whatever the runner's current folder is."""
+    from training.recipes import ROOT, _same_init
+
+    monkeypatch.chdir(tmp_path)
+    assert _same_init("pretrained/omniglot_meta_transformer", str(ROOT / "pretrained" / "omniglot_meta_transformer"))
+    assert not _same_init("pretrained/other", str(ROOT / "pretrained" / "omniglot_meta_transformer"))

@@ -345,7 +345,9 @@ def _same_init(saved: Optional[str], wanted: Optional[str], stage_source: Option
     the run folders move with their work folder, and the weights themselves are checked by the stage record."""
     if not saved or not wanted:
         return saved == wanted
-    if Path(saved).resolve() == Path(wanted).resolve():
+    # a relative saved path was read by a child trainer, which runs from the repository root, not from this cwd
+    saved_path = Path(saved) if Path(saved).is_absolute() else ROOT / saved
+    if saved_path.resolve() == Path(wanted).resolve():
         return True
     return stage_source is not None and Path(saved).parts[-2:] == ("runs", stage_source)
 
