@@ -141,3 +141,37 @@ def test_ddp_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path: Path
     resumed = subprocess.run(cmd("--resume"), env=env, capture_output=True, text=True, cwd=REPO, timeout=150)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert json.loads((run / "summary.json").read_text())["step"] == step + 2
+
+
+def test_ddp_log_window_survives_a_resume(tmp_path: Path) -> None:
+    """Each rank's open logging window is checkpointed: a run that ends off a log_every boundary and is resumed
+    to more steps logs the rows (and per-rank-averaged metrics) of a single-process run of those steps."""
+    ddp_dir, single_dir = tmp_path / "ddp", tmp_path / "single"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    # a constant rate: the first run's 3 steps are then those of the 5-step runs
+    overrides = [*_overrides(ddp_dir, "maml"), "train.log_every=4", "optim.schedule=constant"]
+
+    def torchrun(steps: int, *extra: str) -> None:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+               "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "metaformer.cli", "train",
+               "--config", str(TINY), *extra, "--set", *overrides, f"train.steps={steps}"]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO, timeout=150)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    torchrun(3)
+    windows = read_checkpoint(ddp_dir).trainer_state["log_window_per_rank"]
+    assert [w["steps"] for w in windows] == [3, 3] and windows[0]["values"]["loss"] != windows[1]["values"]["loss"]
+    torchrun(5, "--resume")
+
+    torch.set_num_threads(1)
+    train(load_config(TINY, [*_overrides(single_dir, "maml"), "train.log_every=4", "optim.schedule=constant",
+                             "train.steps=5"]))
+
+    def logged(run: Path) -> list[tuple[int, float, float]]:
+        with open(run / "log.csv", newline="") as fh:
+            return [(int(r["step"]), float(r["loss"]), float(r["accuracy"])) for r in csv.DictReader(fh)]
+
+    ddp_rows, single_rows = logged(ddp_dir), logged(single_dir)
+    # the first run's row at its last step 3 (steps 1-3) is dropped; the row at 4 averages steps 1-4 of both ranks
+    assert [r[0] for r in ddp_rows] == [r[0] for r in single_rows] == [4, 5]
+    assert [r[1:] for r in ddp_rows] == [pytest.approx(r[1:], rel=1e-5) for r in single_rows]

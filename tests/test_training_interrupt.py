@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from training import checkpoint as ckpt_io
 from training.checkpoint import list_checkpoints, read_checkpoint
 from training.config import load_config
 from training.interrupts import TrainingInterrupted
@@ -122,3 +124,88 @@ def test_cli_stops_cleanly_on_a_signal_to_its_process_group(tmp_path: Path, sig:
     torch.set_num_threads(1)
     train(load_config(TINY, [f"out_dir={tmp_path / 'short'}", *common, f"train.steps={step}"]))
     _assert_same_weights(_weights(run, step), _weights(tmp_path / "short", step))
+
+
+# log.csv after a stop + resume: the same rows and metric values as an uninterrupted run. Rows every 4 steps, so
+# the stops below (step 7, a crash with checkpoint 6 the newest) fall inside a logging window; validation at
+# step 6 puts a row of its own at the crash's resume step, which must survive the resume.
+LOG_OVERRIDES = [*OVERRIDES, "train.log_every=4", "train.val_every=6", "train.val_episodes=6"]
+TIMING_COLUMNS = {"wall_s", "episodes_per_s"}  # not reproducible
+
+
+def _log_rows(run: Path) -> list[dict[str, str]]:
+    with open(run / "log.csv", newline="") as fh:
+        return [{k: v for k, v in row.items() if k not in TIMING_COLUMNS} for row in csv.DictReader(fh)]
+
+
+@pytest.fixture(scope="module")
+def log_reference(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, str]]:
+    out = tmp_path_factory.mktemp("log_reference")
+    torch.set_num_threads(1)
+    train(load_config(TINY, [f"out_dir={out}", *LOG_OVERRIDES]))
+    rows = _log_rows(out)
+    assert [r["step"] for r in rows] == ["4", "6", "8", "12", "12", "16", "18", "20", "20"]
+    return rows
+
+
+def test_log_csv_after_sigint_and_resume_equals_an_uninterrupted_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                      log_reference: list[dict[str, str]]) -> None:
+    run = tmp_path / "run"
+    _signal_at(monkeypatch, 7, times=1)
+    with pytest.raises(TrainingInterrupted):
+        train(load_config(TINY, [f"out_dir={run}", *LOG_OVERRIDES]))
+    # a run that stays stopped has the metrics of its last steps (5-7) in log.csv and summary.json
+    halted = _log_rows(run)
+    assert [r["step"] for r in halted] == ["4", "6", "7"]
+    assert json.loads((run / "summary.json").read_text())["metrics"]["loss"] == float(halted[-1]["loss"])
+
+    monkeypatch.undo()
+    train(load_config(TINY, [f"out_dir={run}", *LOG_OVERRIDES]), resume=True)
+    # the row at 7 is gone and the row at 8 averages steps 5-8, not 8 alone
+    assert _log_rows(run) == log_reference
+
+
+def test_log_csv_after_a_crash_and_resume_equals_an_uninterrupted_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                     log_reference: list[dict[str, str]]) -> None:
+    run = tmp_path / "run"
+    original = Trainer._train_step
+
+    def crash_in_step_10(self: Trainer, batch: object) -> object:
+        if self.step + 1 == 10:
+            raise RuntimeError("simulated crash")
+        return original(self, batch)
+
+    monkeypatch.setattr(Trainer, "_train_step", crash_in_step_10)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(load_config(TINY, [f"out_dir={run}", *LOG_OVERRIDES]))
+    assert read_checkpoint(run).step == 6 and [r["step"] for r in _log_rows(run)] == ["4", "6", "8"]
+
+    monkeypatch.undo()
+    train(load_config(TINY, [f"out_dir={run}", *LOG_OVERRIDES]), resume=True)
+    # the crashed run's row at 8 is truncated and rewritten from the window checkpointed at 6 (steps 5-6) onwards
+    assert _log_rows(run) == log_reference
+
+
+def test_a_checkpoint_without_a_logging_window_still_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             log_reference: list[dict[str, str]]) -> None:
+    """Checkpoints written before the window was saved: the resume starts an empty window and keeps the row at
+    the stop, as those versions did."""
+    run = tmp_path / "run"
+    save = ckpt_io.save_checkpoint
+
+    def save_without_window(*args: object, trainer_state: dict, **kwargs: object) -> object:
+        return save(*args, trainer_state={k: v for k, v in trainer_state.items() if k != "log_window_per_rank"},
+                    **kwargs)
+
+    monkeypatch.setattr(ckpt_io, "save_checkpoint", save_without_window)
+    _signal_at(monkeypatch, 7, times=1)
+    with pytest.raises(TrainingInterrupted):
+        train(load_config(TINY, [f"out_dir={run}", *LOG_OVERRIDES]))
+    assert "log_window_per_rank" not in read_checkpoint(run).trainer_state
+
+    monkeypatch.undo()
+    assert train(load_config(TINY, [f"out_dir={run}", *LOG_OVERRIDES]), resume=True).step == STEPS
+    rows = _log_rows(run)
+    assert [r["step"] for r in rows] == ["4", "6", "7", *(r["step"] for r in log_reference[2:])]
+    assert rows[3]["loss"] != log_reference[2]["loss"]  # the row at 8: step 8 alone
+    assert rows[4:] == log_reference[3:]

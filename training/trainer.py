@@ -202,6 +202,11 @@ class Trainer:
         self.consecutive_skips = 0  # in the checkpoint: train.max_skips counts across a resume
         self.scaler_skipped = 0  # fp16: steps the GradScaler skipped for overflow (see MIN_LOSS_SCALE); checkpointed
         self.best_value: Optional[float] = None
+        # The logging window: this rank's per-key values of the non-skipped steps since the last log_every
+        # boundary, and how many steps that is. Checkpointed (every rank's) so that the first row after a resume
+        # averages the same steps as an uninterrupted run's.
+        self.log_window: dict[str, list[float]] = {}
+        self.log_window_steps = 0
         restored = False
         if resume:
             restored = self._load_latest()
@@ -302,18 +307,34 @@ class Trainer:
         self.consecutive_skips = int(state.get("consecutive_skips", 0))
         self.scaler_skipped = int(state.get("scaler_skipped", 0))
         self.best_value = state.get("best_value")
+        windows = state.get("log_window_per_rank")  # absent in older checkpoints: the window starts empty
+        if windows:
+            if len(windows) == self.info.world_size:
+                own = windows[self.info.rank]
+                self.log_window = {k: list(v) for k, v in own["values"].items()}
+            elif self.info.is_main:
+                # mean_over_ranks weights every rank's values alike (equal tasks per rank), so the logged mean of
+                # the saved ranks' windows is the plain mean of all their values: rank 0 carries them all
+                for w in windows:
+                    for k, v in w["values"].items():
+                        self.log_window.setdefault(k, []).extend(v)
+            self.log_window_steps = int(windows[0]["steps"])  # every rank runs the same steps
         return True
 
     def save(self, metrics: dict[str, float]) -> Optional[Path]:
-        """Write a checkpoint of the current step (main rank; every rank contributes its RNG state)."""
-        rngs = all_gather_objects(rng_state(), self.info)
+        """Write a checkpoint of the current step (main rank; every rank contributes its RNG state and logging
+        window)."""
+        per_rank = all_gather_objects((rng_state(), {"steps": self.log_window_steps, "values": self.log_window}),
+                                      self.info)
         if not self.info.is_main:
             return None
+        rngs = [rng for rng, _ in per_rank]
         state = {
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng_per_rank": rngs,
+            "log_window_per_rank": [window for _, window in per_rank],
             "step": self.step,
             "episodes_seen": self.step * self.cfg.train.meta_batch,
             "skipped": self.skipped,
@@ -389,7 +410,8 @@ class Trainer:
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.run_dir / "config.yaml", dump_config(cfg))
-        logger = RunLogger(self.run_dir, t.tensorboard, self.step if self.resume else None) if main else None
+        logger = (RunLogger(self.run_dir, t.tensorboard, self.step if self.resume else None,
+                            partial_at_resume=self.log_window_steps > 0) if main else None)
         stream = EpisodeStream(self.train_episodes, self.tasks_per_rank, num_batches=max(0, t.steps - self.step),
                                start_batch=self.step, rank=self.info.rank, world_size=self.info.world_size)
         # A private generator: DataLoader otherwise draws its base seed from the global RNG when iteration
@@ -408,7 +430,6 @@ class Trainer:
         t_window, steps_window = t_start, 0
         steps_done, last_ckpt, time_capped = 0, None, False
         metrics: dict[str, float] = {}
-        window: dict[str, list[float]] = {}
         interrupted: Optional[str] = None
         stop = StopRequest(announce=main).install()
         try:
@@ -418,6 +439,7 @@ class Trainer:
                 self.step += 1
                 steps_done += 1
                 steps_window += 1
+                self.log_window_steps += 1
                 if skipped:
                     self.skipped += 1
                     self.consecutive_skips += 1
@@ -429,7 +451,7 @@ class Trainer:
                 else:
                     self.consecutive_skips = 0
                     for k, v in metrics.items():
-                        window.setdefault(k, []).append(v)
+                        self.log_window.setdefault(k, []).append(v)
                 if bar is not None:
                     bar.update(1)
                 last = self.step >= t.steps
@@ -441,11 +463,13 @@ class Trainer:
                 if reason > 1 and not last:
                     interrupted = _HALT_NAMES[reason]
                 time_capped = reason == 1 and not last
-                if self.step % t.log_every == 0 or last or halt:
+                boundary = self.step % t.log_every == 0
+                if boundary or last or halt:
                     now = time.perf_counter()
+                    # timing covers this process's steps only (a restored window's steps ran in another process)
                     eps = steps_window * t.meta_batch / max(now - t_window, 1e-9)
                     # the window's metrics over every rank's tasks, not rank 0's share alone
-                    row = mean_over_ranks(window, self.tasks_per_rank, self.info)
+                    row = mean_over_ranks(self.log_window, self.tasks_per_rank, self.info)
                     row.update(episodes=self.step * t.meta_batch, lr=self.scheduler.get_last_lr()[0], episodes_per_s=eps,
                                skipped=self.skipped, scaler_skipped=self.scaler_skipped, wall_s=now - t_start,
                                grad_norm=metrics.get("grad_norm", float("nan")))
@@ -458,7 +482,13 @@ class Trainer:
                                         | {"ep/s": f"{eps:.1f}"}
                                         | ({"amp_skipped": self.scaler_skipped} if self.scaler_skipped else {}))
                     metrics = row
-                    window, t_window, steps_window = {}, now, 0
+                    # A halt (or the last step) off a log_every boundary still logs its partial window, so a run that
+                    # stays stopped has its final metrics in log.csv, summary.json and the checkpoint; but the window
+                    # stays open and is checkpointed as is: a resume drops that row (RunLogger's partial_at_resume)
+                    # and logs the whole window at its boundary, as a run that was never stopped does.
+                    if boundary:
+                        self.log_window, self.log_window_steps = {}, 0
+                    t_window, steps_window = now, 0
                 do_val = t.val_every > 0 and (self.step % t.val_every == 0 or last)
                 val: dict[str, float] = {}
                 if do_val and main:
