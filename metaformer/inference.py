@@ -46,7 +46,7 @@ from metaformer.models.meta_transformer import MetaTransformer, MetaTransformerC
 __all__ = [
     "FewShotModel", "FewShotPredictor", "HEAD_TYPES", "featurize_batch", "embed_items", "load_image_files",
     "feature_source", "evaluate_features", "episode_logits", "build_feature_head", "ImagePreprocessing",
-    "TrainedFewShotModel", "load_predict_model", "checkpoint_kind",
+    "TrainedFewShotModel", "load_predict_model", "checkpoint_kind", "check_which", "decode_drawing",
 ]
 
 HEAD_TYPES = ("meta_transformer", "protonet", "maml")
@@ -226,6 +226,51 @@ def load_image_files(paths: Sequence[str | Path], num_channels: int, image_size:
     return torch.from_numpy(np.stack(arrays)).float().div_(255.0)
 
 
+def decode_drawing(data: str | Path | bytes, what: str, image_size: int) -> np.ndarray:
+    """A user's image file of a dark drawing on light paper -> uint8 [1, S, S] with strokes = 255, by the Omniglot
+    decoding (metaformer.data.images.decode_stroke_image: grayscale, inverted, LANCZOS-resized), which it equals bit
+    for bit on opaque square images. Before that decoding:
+
+    - transparency is flattened onto white paper (a transparent background would otherwise read as black, i.e. as
+      ink after the inversion: an all-ink image);
+    - a non-square image is padded with white paper to a centred square, so the drawing keeps its aspect ratio (the
+      training images are square) instead of being stretched;
+    - an image whose border is mostly dark (light strokes on a dark background, the inverse of what the model reads)
+      is refused with a ValueError naming the file, rather than classified inverted.
+    """
+    from PIL import Image
+
+    from metaformer.data.images import _open
+
+    try:
+        img = _open(data, what)
+    except Image.DecompressionBombError as exc:
+        raise ValueError(f"cannot read image {what}: {exc}; downscale it (the model reads {image_size}x{image_size} "
+                         "images) and try again") from None
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        paper = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(paper, rgba)
+    img = img.convert("L")
+    w, h = img.size
+    if w != h:
+        side = max(w, h)
+        square = Image.new("L", (side, side), 255)
+        square.paste(img, ((side - w) // 2, (side - h) // 2))
+        img = square
+    gray = np.asarray(img, dtype=np.uint8)
+    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+    if np.median(border) < 128:
+        raise ValueError(f"image {what} looks like light strokes on a dark background (its border is mostly dark, "
+                         f"median {int(np.median(border))} of 255); the model reads dark drawings on light paper, as "
+                         "the Omniglot images: invert the image (e.g. PIL.ImageOps.invert) and try again")
+    # decode_stroke_image's own steps: invert before resizing, then LANCZOS to the training size
+    img = Image.fromarray(255 - gray)
+    if img.size != (image_size, image_size):
+        img = img.resize((image_size, image_size), Image.Resampling.LANCZOS)
+    return np.asarray(img, dtype=np.uint8)[None]
+
+
 class ImagePreprocessing:
     """Image files -> the tensors a `metaformer train` model saw in training, from its config (data.source, image_size).
 
@@ -267,11 +312,9 @@ class ImagePreprocessing:
 
     def load(self, paths: Sequence[str | Path]) -> Tensor:
         """Decode image files -> float32 [N, 1, S, S], strokes = 1 (a clear error names an unreadable file)."""
-        from metaformer.data.images import decode_stroke_image
-
         if len(paths) == 0:
             raise ValueError("no image files to read")
-        arrays = [decode_stroke_image(p, str(p), self.image_size) for p in paths]
+        arrays = [decode_drawing(p, str(p), self.image_size) for p in paths]
         # the same operation as TensorClassSource.get_items: multiplying by 1/255 rounds differently from / 255
         return torch.from_numpy(np.stack(arrays)).mul(1.0 / 255.0)
 
@@ -322,13 +365,26 @@ class TrainedFewShotModel(nn.Module):
     def from_checkpoint(cls, path: str | Path, which: str = "latest") -> "TrainedFewShotModel":
         """Load a run folder (its ``which`` checkpoint: latest or best), a step folder or an export, on the CPU in eval
         mode; a ValueError (CheckpointError, ConfigError) names a damaged, regression or non-image checkpoint."""
-        from training import checkpoint as ckpt_io
-        from training.eval_cli import load_model
+        import copy
 
+        from training import checkpoint as ckpt_io
+        from training.registry import PRETRAINED_HEADS, build_model
+
+        check_which(path, which)
         ckpt = ckpt_io.read_checkpoint(path, with_trainer_state=False, which=which)
         # refused before the model is built: a regression or text model would otherwise fail later, less clearly
         preprocessing = ImagePreprocessing.from_config(ckpt.config, where=f"checkpoint {ckpt.path}")
-        model, ckpt = load_model(ckpt.path)  # the step folder itself: `which` is already resolved
+        # what training.eval_cli.load_model builds, from the checkpoint already read and verified
+        cfg = copy.deepcopy(ckpt.config)
+        options = dict(cfg.model.options or {})
+        if cfg.model.name in PRETRAINED_HEADS and "num_classes" not in options:
+            # the transfer baselines size their pre-training classifier by counting the training classes, which needs
+            # the training data; the checkpoint's classifier has that many rows (predict never uses it)
+            table = ckpt.model_state.get("classifier.weight", ckpt.model_state.get("cosine_weight"))
+            if table is not None:
+                cfg.model.options = {**options, "num_classes": int(table.shape[0])}
+        model = build_model(cfg)
+        ckpt_io.load_weights_into(model, ckpt, cfg.model.name)
         return cls(model.eval(), ckpt.config, preprocessing, ckpt.path, ckpt.step).eval()
 
     @property
@@ -381,9 +437,25 @@ def checkpoint_kind(path: str | Path) -> Optional[str]:
         return None
     if (path / MODEL_FILE).is_file():
         return "fewshot"
-    if (path / ckpt_io.META_FILE).is_file() or ckpt_io.list_checkpoints(path):
+    # a run folder gets its config.yaml at the start, its first step folder at train.ckpt_every: without one yet it
+    # is still a trainer folder, and the trainer's loader says that it holds no checkpoint
+    if ((path / ckpt_io.META_FILE).is_file() or (path / ckpt_io.WEIGHTS_FILE).is_file()
+            or (path / ckpt_io.CONFIG_FILE).is_file() or ckpt_io.list_checkpoints(path)):
         return "trainer"
     return None
+
+
+def check_which(path: str | Path, which: str) -> None:
+    """A ValueError for ``which="best"`` on a folder that is one checkpoint (a step or export folder), where the
+    trainer's loader would silently give that checkpoint: "best" chooses among a run folder's step folders."""
+    from training import checkpoint as ckpt_io
+
+    path = Path(path)
+    if which == "best" and ((path / ckpt_io.META_FILE).is_file() or (path / ckpt_io.WEIGHTS_FILE).is_file()):
+        run = (f"pass its run folder {path.parent} to choose among the run's checkpoints"
+               if ckpt_io.STEP_DIR_RE.match(path.name) else "or pass a run folder")
+        raise ValueError(f"which='best' (--which best) chooses the best validation checkpoint of a `metaformer train` "
+                         f"run folder, but {path} is one checkpoint (a step or export folder): drop --which, {run}")
 
 
 def load_predict_model(path: str | Path, which: str = "latest") -> "FewShotModel | TrainedFewShotModel":

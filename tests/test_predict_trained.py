@@ -265,3 +265,76 @@ def test_non_image_checkpoints_and_other_folders_are_refused(runs: dict[str, Pat
         pred.fit(torch.zeros(2, 1, 28, 28), ["a", "b"])
     with pytest.raises(ValueError, match="reads images"):
         pred.fit(["a", "b"], ["a", "b"])
+
+
+# ---------------------------------------------------------------- (e) image files as users save them
+def test_drawings_in_other_file_formats_give_the_training_tensor(tmp_path: Path) -> None:
+    prep = ImagePreprocessing("omniglot", 28)
+    (orig,) = _extract(_zip_members("Grantha/character03")[:1], tmp_path)
+    want = prep.load([orig])
+    gray = np.asarray(Image.open(orig).convert("L"))  # 105x105, 0 = ink, 255 = paper
+    ink = (255 - gray).astype(np.uint8)
+    files = {
+        "rgb.png": Image.fromarray(gray).convert("RGB"),
+        "palette.png": Image.fromarray(gray).convert("P"),
+        "16bit.png": Image.fromarray(gray.astype(np.uint16) * 257),
+        # black ink on a transparent background (a drawing app's export): the paper is alpha 0 with RGB 0 = black,
+        # which a plain grayscale conversion reads as ink everywhere
+        "transparent.png": Image.fromarray(np.dstack([np.zeros_like(gray)] * 3 + [ink]), "RGBA"),
+        "transparent_la.png": Image.fromarray(np.dstack([np.zeros_like(gray), ink]), "LA"),
+    }
+    for name, img in files.items():
+        img.save(tmp_path / name)
+        got = prep.load([tmp_path / name])
+        assert torch.equal(got, want), f"{name}: max difference {(got - want).abs().max()}"
+
+    # a non-square image is padded with paper to a centred square (aspect ratio kept), not stretched
+    wide = np.full((105, 315), 255, np.uint8)
+    wide[:, 105:210] = gray
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+    square = np.full((315, 315), 255, np.uint8)
+    square[105:210] = wide
+    Image.fromarray(square).save(tmp_path / "square.png")
+    assert torch.equal(prep.load([tmp_path / "wide.png"]), prep.load([tmp_path / "square.png"]))
+
+    # light strokes on a dark background would be classified inverted (ink everywhere): refused, naming the file
+    Image.fromarray(ink).save(tmp_path / "white_on_black.png")
+    with pytest.raises(ValueError, match="white_on_black.png looks like light strokes on a dark background.*invert"):
+        prep.load([tmp_path / "white_on_black.png"])
+
+
+# ---------------------------------------------------------------- (f) checkpoints as users pass them
+def test_baseline_checkpoint_loads_without_its_training_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the transfer baselines count their training classes from the data when model.options lack num_classes; the
+    # checkpoint's own classifier has that many rows, and predict must not need the training set
+    over = ["data.source=omniglot", "data.image_size=28", "data.options={split_scheme: alphabets}",
+            "model.name=baseline"]
+    model = build_model(load_config(TINY, [*over, "model.options={num_classes: 7}"]))
+    cfg = load_config(TINY, [*over, "model.options={}"])
+    step = save_checkpoint(tmp_path / "run", step=1, model_state=model.state_dict(), trainer_state={}, config=cfg,
+                           model_name="baseline", model_class=type(model).__name__)
+    monkeypatch.setenv("METAFORMER_DATA_ROOT", str(tmp_path / "no_data"))
+    pred = FewShotPredictor.from_pretrained(step.parent)
+    assert pred.model.head.classifier.weight.shape[0] == 7 and pred.model.max_way is None
+    x = torch.rand(4, 1, 28, 28)
+    p = pred.fit(x[:2], ["a", "b"]).predict_proba(x[2:])
+    np.testing.assert_allclose(p.sum(axis=1), 1, atol=1e-5)
+
+
+def test_which_best_on_one_checkpoint_and_a_run_without_checkpoints_are_refused(
+        runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    s_files, _ = _glyph_files(tmp_path / "sup" / "c0", 1, 1, start=0)
+    _glyph_files(tmp_path / "sup" / "c1", 1, 1, start=3)
+    args = ["--support", str(tmp_path / "sup"), "--query", str(s_files[0])]
+    step = list_checkpoints(runs["protonet"])[-1]
+    # "best" would silently be this one checkpoint
+    assert main(["predict", "--checkpoint", str(step), "--which", "best", *args]) == 2
+    assert f"pass its run folder {runs['protonet']}" in _error(capsys)
+    with pytest.raises(ValueError, match="is one checkpoint .a step or export folder.: drop --which"):
+        FewShotPredictor.from_pretrained(step, which="best")
+    # a run that has not written its first checkpoint yet (config.yaml only) is a run folder, not "no fewshot.json"
+    fresh = tmp_path / "fresh_run"
+    fresh.mkdir()
+    (fresh / "config.yaml").write_bytes((runs["protonet"] / "config.yaml").read_bytes())
+    assert main(["predict", "--checkpoint", str(fresh), *args]) == 2
+    assert "run folder without a checkpoint yet" in _error(capsys)
