@@ -407,3 +407,43 @@ def test_several_checkpoints_are_evaluated_with_one_model_in_memory_at_a_time(ru
     results = eval_cli.evaluate_checkpoints(paths, None, out_dir=tmp_path / "out", progress=False)
     assert len(results) == 3 and alive_during_evaluation == [1, 1, 1]
     assert len(built) == 6  # each built once to check it before any evaluation, once to evaluate it
+
+
+def test_runs_of_the_previous_version_still_evaluate(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Configs earlier versions stored still build and evaluate with overrides: a float option written as YAML 1.1's
+    string '1e-3', a 0/1 flag, a setting the run never read (optim.momentum with adamw), and a metric head with its
+    own model.options.n_way evaluated at more ways. Only what the command itself sets is refused."""
+    from training.config import config_from_dict
+
+    base = load_config(TINY, [f"out_dir={tmp_path / 'maml'}", "model.name=maml", "model.options={}", *QUICK]).to_dict()
+    base["model"]["options"] = {"inner_lr": "1e-3", "first_order": 1}
+    base["optim"]["name"], base["optim"]["momentum"] = "adamw", 0.5
+    train(config_from_dict(base, check_unread=False))  # what an earlier version trained and stored
+    proto = load_config(TINY, [f"out_dir={tmp_path / 'proto'}", "model.name=protonet", "model.options={n_way: 3}",
+                               *QUICK])
+    train(proto)
+    capsys.readouterr()
+    for run, more in (("maml", []), ("proto", ["--set", "data.n_way=5"])):
+        assert main(["eval", "--checkpoint", str(tmp_path / run), "--episodes", "2", "--no-progress", *more,
+                     "--out", str(tmp_path / f"ev_{run}")]) == 0, capsys.readouterr().err
+        header, (result,) = read_report(tmp_path / f"ev_{run}")
+        assert math.isfinite(result.mean)
+    assert header["n_way"] == 5
+    # a setting the command adds that the run would not read is still refused
+    assert main(["eval", "--checkpoint", str(tmp_path / "maml"), "--episodes", "2", "--no-progress",
+                 "--set", "optim.momentum=0.7", "--out", str(tmp_path / "ev_bad")]) == 2
+    assert "optim.momentum=0.7 is not used with optim.name=adamw" in capsys.readouterr().err
+
+
+def test_a_wrong_option_value_is_named_without_the_model_name_hint() -> None:
+    """A value of the wrong type names the option and its type; the hint about --set model.name is for unknown ones."""
+    from training.registry import build_model
+
+    with pytest.raises(ConfigError) as err:
+        build_model(load_config(TINY, ["model.name=maml", "model.options={inner_lr: abc}"]))
+    assert "option 'inner_lr' of head 'maml' must be a number, got 'abc'" in str(err.value)
+    assert "model.name" not in str(err.value) and "a value of the type" in str(err.value)
+    with pytest.raises(ConfigError, match="unknown option 'lr' .*with --set model.name=... set them too"):
+        build_model(load_config(TINY, ["model.name=maml", "model.options={lr: 0.1}"]))
+    assert build_model(load_config(TINY, ["model.name=maml", "model.options={inner_lr: '1e-3', first_order: 1}"])
+                       ).first_order is True

@@ -379,12 +379,15 @@ def _value(cfg: Config, key: str) -> Any:
     return _plain(getattr(getattr(cfg, section), name))
 
 
-def check_unread_keys(cfg: Config) -> None:
+def check_unread_keys(cfg: Config, only: Optional[Iterable[str]] = None) -> None:
     """Refuse a setting the run would silently ignore: a key of unread_keys whose value is not its default.
 
-    The default itself is accepted, so full config dumps (a run's config.yaml) and the shipped configs pass."""
+    The default itself is accepted, so full config dumps (a run's config.yaml) and the shipped configs pass. ``only``
+    limits the check to those keys (the ones a command sets on top of a stored config)."""
     defaults = Config()
-    bad = [(key, why) for key, why in unread_keys(cfg).items() if _value(cfg, key) != _value(defaults, key)]
+    keys = None if only is None else set(only)
+    bad = [(key, why) for key, why in unread_keys(cfg).items()
+           if (keys is None or key in keys) and _value(cfg, key) != _value(defaults, key)]
     if bad:
         raise ConfigError("; ".join(f"{key}={_shown(_value(cfg, key))} is not used with {why}; remove it (its default "
                                     f"is {_shown(_value(defaults, key))})" for key, why in bad))

@@ -82,7 +82,10 @@ def _build(ckpt: ckpt_io.Checkpoint, cfg: Optional[Config], episodes_cfg: Option
     episodes_cfg = cfg if episodes_cfg is None else episodes_cfg
     if (episodes_cfg is not None and not is_regression(build_cfg) and way_limit(build_cfg) is None
             and episodes_cfg.data.n_way > max_ways(build_cfg.data)):
-        build_cfg.data.n_way = episodes_cfg.data.n_way  # no per-way weights: the same ones load at the larger size
+        # no per-way weights: the same ones load at the larger size (model.options' own n_way would win over data's)
+        build_cfg.data.n_way = episodes_cfg.data.n_way
+        if "n_way" in (build_cfg.model.options or {}):
+            build_cfg.model.options = {**build_cfg.model.options, "n_way": episodes_cfg.data.n_way}
     model = build_model(build_cfg)
     ckpt_io.load_weights_into(model, ckpt, build_cfg.model.name)
     return model.eval()
@@ -203,9 +206,12 @@ def run_eval(args: "argparse.Namespace") -> int:
         cfg = load_config(args.config, overrides)
     elif overrides:
         first = ckpt_io.read_checkpoint(args.checkpoint[0], with_trainer_state=False, which=args.which)
-        from training.config import config_from_dict
+        from training.config import check_unread_keys, config_from_dict
 
-        cfg = config_from_dict(first.config.to_dict(), overrides)
+        # the stored config may hold a setting earlier versions accepted and the run never read: refuse only the
+        # ones this command sets
+        cfg = config_from_dict(first.config.to_dict(), overrides, check_unread=False)
+        check_unread_keys(cfg, only=[o.split("=", 1)[0].strip() for o in overrides])
         episodes_from = f"the config of the first checkpoint, {first.path}, with {' '.join(overrides)}"
     if args.out is not None:
         out = Path(args.out)

@@ -311,7 +311,9 @@ def build_model(cfg: Config) -> nn.Module:
         try:
             return heads.build_head(name, backbone, **kw)
         except (TypeError, ValueError) as exc:
-            raise ConfigError(f"model.options do not fit head {name!r}: {exc}; model.options are the options of the "
-                              "config's own model, so with --set model.name=... set them too (model.options={} for "
-                              "the head's defaults)") from None
+            # options of another model are the usual cause of unknown ones (--set model.name=... alone keeps them)
+            hint = ("model.options are the options of the config's own model, so with --set model.name=... set them "
+                    "too (model.options={} for the head's defaults)" if "unknown option" in str(exc) else
+                    "set that option to a value of the type named in model.options")
+            raise ConfigError(f"model.options do not fit head {name!r}: {exc}; {hint}") from None
     raise ConfigError(f"model.name must be one of {', '.join(MODELS)}, got {name!r}")

@@ -96,20 +96,38 @@ def _type_name(types_: tuple[type, ...]) -> str:
     return " or ".join(names[t] for t in types_ if not (t is int and float in types_))
 
 
-def check_head_options(name: str, kw: dict[str, Any]) -> None:
-    """Raise ValueError naming an option `name` does not accept (with the accepted ones) or a value of the wrong type."""
+def _lossless(value: Any, allowed: tuple[type, ...]) -> Any:
+    """``value`` converted where the constructors always converted it without loss, else unchanged: a number
+    written as a string (YAML 1.1 reads ``1e-3`` without a dot as the string '1e-3') for a float option, 0 / 1 for a
+    bool one. Configs of earlier versions hold such values, and their runs must still build."""
+    if float in allowed and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    if bool in allowed and not isinstance(value, bool) and isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    return value
+
+
+def check_head_options(name: str, kw: dict[str, Any]) -> dict[str, Any]:
+    """Raise ValueError naming an option `name` does not accept (with the accepted ones) or a value of the wrong type;
+    returns the options with numbers written as strings and 0 / 1 flags converted (see _lossless)."""
     options = head_options(name)
     unknown = sorted(set(kw) - set(options))
     if unknown:
         raise ValueError(f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} for head "
                          f"{name!r}; it accepts: {', '.join(sorted(options))}")
+    out = dict(kw)
     for option, value in kw.items():
         allowed = _allowed_types(options[option].annotation)
         if allowed is None or not isinstance(value, _CONFIG_TYPES):
             continue
+        value = out[option] = _lossless(value, allowed)
         # bool is an int subclass, but true/false for a count or a rate is a mistake
         if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
             raise ValueError(f"option {option!r} of head {name!r} must be {_type_name(allowed)}, got {value!r}")
+    return out
 
 
 def _key(name: str) -> str:
@@ -132,7 +150,7 @@ def build_head(name: str, backbone: nn.Module, **kw: Any) -> FewShotHead:
     "probmaml" (aliases "probabilistic_maml", "platipus"), "baseline", "baselinepp" (transfer baselines of
     Chen et al. 2019: supervised pre-training, a new linear / cosine classifier per task))."""
     key = _key(name)
-    check_head_options(name, kw)  # before the constructor: its TypeError would not say which options exist
+    kw = check_head_options(name, kw)  # before the constructor: its TypeError would not say which options exist
     try:
         return HEADS[key](backbone, **kw)
     except TypeError as e:
