@@ -472,7 +472,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                     help=f"comma-separated subset of {','.join(PEER_IMPLS + OUR_IMPLS)}")
     ap.add_argument("--warmup", type=int, default=1, help="extra warm-up steps after the gradient-check step")
     ap.add_argument("--timed", type=int, default=3, help="timed steps (omniglot)")
-    ap.add_argument("--sine-timed", type=int, default=20, help="timed steps (sinusoid)")
+    ap.add_argument("--sine-timed", type=int, default=200, help="timed steps (sinusoid; a 1-step meta-step takes ~2 ms, so fewer make the median follow the machine's noise)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: where every cell (ours and the peers') runs")
     ap.add_argument("--seed", type=int, default=0)
