@@ -46,7 +46,7 @@ from metaformer.models.meta_transformer import MetaTransformer, MetaTransformerC
 __all__ = [
     "FewShotModel", "FewShotPredictor", "HEAD_TYPES", "featurize_batch", "embed_items", "load_image_files",
     "feature_source", "evaluate_features", "episode_logits", "build_feature_head", "ImagePreprocessing",
-    "TrainedFewShotModel", "load_predict_model", "checkpoint_kind", "check_which", "decode_drawing",
+    "TrainedFewShotModel", "load_predict_model", "checkpoint_kind", "decode_drawing",
 ]
 
 HEAD_TYPES = ("meta_transformer", "protonet", "maml")
@@ -370,7 +370,6 @@ class TrainedFewShotModel(nn.Module):
         from training import checkpoint as ckpt_io
         from training.registry import PRETRAINED_HEADS, build_model
 
-        check_which(path, which)
         ckpt = ckpt_io.read_checkpoint(path, with_trainer_state=False, which=which)
         # refused before the model is built: a regression or text model would otherwise fail later, less clearly
         preprocessing = ImagePreprocessing.from_config(ckpt.config, where=f"checkpoint {ckpt.path}")
@@ -439,23 +438,9 @@ def checkpoint_kind(path: str | Path) -> Optional[str]:
         return "fewshot"
     # a run folder gets its config.yaml at the start, its first step folder at train.ckpt_every: without one yet it
     # is still a trainer folder, and the trainer's loader says that it holds no checkpoint
-    if ((path / ckpt_io.META_FILE).is_file() or (path / ckpt_io.WEIGHTS_FILE).is_file()
-            or (path / ckpt_io.CONFIG_FILE).is_file() or ckpt_io.list_checkpoints(path)):
+    if ckpt_io.is_checkpoint_dir(path) or (path / ckpt_io.CONFIG_FILE).is_file() or ckpt_io.list_checkpoints(path):
         return "trainer"
     return None
-
-
-def check_which(path: str | Path, which: str) -> None:
-    """A ValueError for ``which="best"`` on a folder that is one checkpoint (a step or export folder), where the
-    trainer's loader would silently give that checkpoint: "best" chooses among a run folder's step folders."""
-    from training import checkpoint as ckpt_io
-
-    path = Path(path)
-    if which == "best" and ((path / ckpt_io.META_FILE).is_file() or (path / ckpt_io.WEIGHTS_FILE).is_file()):
-        run = (f"pass its run folder {path.parent} to choose among the run's checkpoints"
-               if ckpt_io.STEP_DIR_RE.match(path.name) else "or pass a run folder")
-        raise ValueError(f"which='best' (--which best) chooses the best validation checkpoint of a `metaformer train` "
-                         f"run folder, but {path} is one checkpoint (a step or export folder): drop --which, {run}")
 
 
 def load_predict_model(path: str | Path, which: str = "latest") -> "FewShotModel | TrainedFewShotModel":

@@ -234,7 +234,7 @@ def _trainer_model_name(path: Path, which: str) -> Optional[str]:
 def check_checkpoint_folder(path: str | Path, inner_steps: Optional[int] = None, which: str = "latest") -> None:
     """Cheap checks of --checkpoint before any data is read: a few-shot or `metaformer train` checkpoint folder whose
     head fits --inner-steps and --which."""
-    from metaformer.inference import MODEL_FILE, check_which, checkpoint_kind
+    from metaformer.inference import MODEL_FILE, checkpoint_kind
 
     path = Path(path)
     if not path.is_dir():
@@ -243,14 +243,9 @@ def check_checkpoint_folder(path: str | Path, inner_steps: Optional[int] = None,
                          "folder, step folder or export")
     kind = checkpoint_kind(path)
     if kind == "trainer":
-        try:
-            check_which(path, which)
-        except ValueError as exc:
-            raise InputError(str(exc)) from None
         from training import checkpoint as ckpt_io
 
-        if not ((path / ckpt_io.META_FILE).is_file() or (path / ckpt_io.WEIGHTS_FILE).is_file()
-                or ckpt_io.list_checkpoints(path)):
+        if not (ckpt_io.is_checkpoint_dir(path) or ckpt_io.list_checkpoints(path)):
             raise InputError(f"{path} is a `metaformer train` run folder without a checkpoint yet (no step-XXXXXXXX "
                              "folder: the trainer writes one every train.ckpt_every steps and at the end); wait for "
                              "its first checkpoint, or pass a run folder that has one")

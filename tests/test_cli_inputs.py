@@ -209,6 +209,14 @@ def test_which_best_is_refused_without_best_json_and_used_with_it(runs: dict[str
     (broken / "best.json").write_text(json.dumps({"dir": "step-00000099", "step": 99}))
     with pytest.raises(CheckpointError, match=r"names 'step-00000099', which is not a checkpoint folder"):
         resolve_checkpoint(broken, "best")
+    # on one checkpoint (a step folder, an export) "best" would silently be that one: refused for eval and export too
+    step = list_checkpoints(runs["v3"])[-1]
+    for command in (["eval", "--checkpoint", str(step), "--episodes", "20", "--no-progress", "--out", str(tmp_path / "e1")],
+                    ["export", "--checkpoint", str(step), "--out", str(tmp_path / "x1")]):
+        assert main([*command, "--which", "best"]) == 2
+        assert f"is one checkpoint (a step or export folder): drop --which, pass its run folder {runs['v3']}" in \
+            _one_error_line(capsys, command[0])
+    assert no_evaluation == []
 
 
 # ---------------------------------------------------------------- 5. compare: the contents of eval.json

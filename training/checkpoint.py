@@ -308,12 +308,25 @@ def prune_checkpoints(run_dir: Union[str, Path], keep_last: int) -> None:
             remove_dir_safely(path)
 
 
+def is_checkpoint_dir(path: Union[str, Path]) -> bool:
+    """Whether `path` is one checkpoint (a step folder or an export), not a run folder that holds several."""
+    path = Path(path)
+    return (path / META_FILE).is_file() or (path / WEIGHTS_FILE).is_file()
+
+
 def resolve_checkpoint(path: Union[str, Path], which: str = "latest") -> Path:
     """A step folder from a step folder or a run folder (its latest or best checkpoint)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint path {path} does not exist")
-    if (path / META_FILE).is_file() or (path / WEIGHTS_FILE).is_file():
+    if is_checkpoint_dir(path):
+        if which == "best":
+            # "best" chooses among a run folder's step folders: on one checkpoint it would silently be that one
+            run = (f"pass its run folder {path.parent} to choose among the run's checkpoints"
+                   if STEP_DIR_RE.match(path.name) else "or pass a run folder")
+            raise CheckpointError(f"which='best' (--which best) chooses the best validation checkpoint of a "
+                                  f"`metaformer train` run folder, but {path} is one checkpoint (a step or export "
+                                  f"folder): drop --which, {run}")
         return path
     ckpts = list_checkpoints(path)
     if not ckpts:
