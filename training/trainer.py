@@ -185,7 +185,7 @@ class Trainer:
             )
         # before the run folder's checkpoints are read (and reported on): a folder another trainer holds is refused
         # first; run() takes the lock for the whole training
-        self._check_unlocked()
+        self._take_lock(keep=False)
         seed_everything(cfg.seed)
         self.model = build_model(cfg).to(self.device)
         if self.info.rank:
@@ -259,17 +259,21 @@ class Trainer:
         self.step_model = self.model.feature_view()
         self.wrapped = LossModule(self.step_model)
 
-    def _check_unlocked(self) -> None:
-        """Raise CheckpointError on every rank when another process holds the run folder's lock."""
+    def _take_lock(self, keep: bool) -> Optional[ckpt_io.RunLock]:
+        """Rank 0 takes the run folder's lock (held and returned when `keep`, else only checked); CheckpointError on
+        every rank when another process holds it."""
+        lock: Optional[ckpt_io.RunLock] = None
         refused: Optional[ckpt_io.CheckpointError] = None
         if self.info.is_main:
+            lock = ckpt_io.RunLock(self.run_dir)
             try:
-                ckpt_io.RunLock(self.run_dir).check()
+                lock.acquire() if keep else lock.check()
             except ckpt_io.CheckpointError as exc:
-                refused = exc
+                refused, lock = exc, None
         # every rank stops when rank 0 found the folder taken (the others would wait in a collective)
         if any_rank(refused is not None, self.info, self.device):
             raise refused or ckpt_io.CheckpointError(f"{self.run_dir} is being trained by another process")
+        return lock if keep else None
 
     # ------------------------------------------------------------------ checkpoints
     def _load_latest(self) -> bool:
@@ -371,17 +375,9 @@ class Trainer:
         On SIGINT / SIGTERM it finishes the step, writes a checkpoint and raises TrainingInterrupted.
         """
         finished = False
-        lock = ckpt_io.RunLock(self.run_dir) if self.info.is_main else None
+        lock: Optional[ckpt_io.RunLock] = None
         try:
-            refused: Optional[ckpt_io.CheckpointError] = None
-            if lock is not None:
-                try:
-                    lock.acquire()
-                except ckpt_io.CheckpointError as exc:
-                    refused = exc
-            # every rank stops when rank 0 could not lock the folder (the others would wait in a collective)
-            if any_rank(refused is not None, self.info, self.device):
-                raise refused or ckpt_io.CheckpointError(f"{self.run_dir} is being trained by another process")
+            lock = self._take_lock(keep=True)
             if self.resume and self.info.is_main:
                 ckpt_io.reconcile_best(self.run_dir)  # a kill between a checkpoint and its best.json update
             result = self._run()
